@@ -1,0 +1,1 @@
+"""adapter_runtime: the engine of adapter-server (no web framework in here)."""

@@ -1,0 +1,198 @@
+"""Per-step batch metadata: one frozen `ForwardBatch` is passed down through the model.
+
+The model runs its base ops once for all rows; at each adapter site it calls the batch's
+`AdapterBatch`, which adds each adapter setup's effect to that setup's rows only. A row whose
+request names no adapter is in no group and pays nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .adapters import Adapter, LinearEffect, Scale
+from .methods import bottleneck as bottleneck_math
+from .methods import invertible as invertible_math
+from .methods import lora as linear_math
+
+Setup = tuple[Adapter, ...]  # adapters of one request, in Stack order (usually one)
+
+
+@dataclass(frozen=True)
+class AdapterGroup:
+    """The rows of one step that share an adapter setup."""
+
+    rows: Tensor  # [n] row indices into the batch
+    setup: Setup
+    token_mask: Tensor | None  # [n, S, 1] 1.0 on valid tokens; None when no row is padded
+    all_rows: bool  # the group is the whole batch, in order: no gather/scatter needed
+    prompt_in_chunk: bool  # this chunk starts with the setup's virtual prompt tokens
+
+    def take(self, t: Tensor) -> Tensor:
+        return t if self.all_rows else t[self.rows]
+
+    def put(self, dst: Tensor, value: Tensor) -> Tensor:
+        if self.all_rows:
+            return value
+        dst[self.rows] = value
+        return dst
+
+    def linear_effects(self, layer: int, module: str) -> list[LinearEffect]:
+        return [e for a in self.setup if (e := a.linear.get((layer, module))) is not None]
+
+    def bottlenecks(self, layer: int, location: str) -> list:
+        return [b for a in self.setup if (b := a.bottleneck.get((layer, location))) is not None]
+
+
+@dataclass(frozen=True)
+class AdapterBatch:
+    groups: tuple[AdapterGroup, ...] = ()
+
+    # ---- linear sites: LoRA deltas, (IA)^3 scales
+    def linear(self, layer: int, module: str, base: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """base(x) [.., out] plus each group's effect at (layer, module)."""
+        touched = [(g, effects) for g in self.groups if (effects := g.linear_effects(layer, module))]
+        if not touched:
+            return base(x)
+        x_in = x
+        for g, effects in touched:  # input scales must act before the shared base op
+            if any(isinstance(e, Scale) and e.on_input for e in effects):
+                if x_in is x and not g.all_rows:
+                    x_in = x.clone()  # x feeds other sites too: never scale it in place
+                x_in = g.put(x_in, linear_math.scale_input(g.take(x), effects))
+        y = base(x_in)
+        for g, effects in touched:
+            y = g.put(y, linear_math.apply_output(g.take(x), g.take(y), effects, g.token_mask))
+        return y
+
+    # ---- residual sites: bottleneck adapters around a sublayer
+    def residual(self, layer: int, location: str, sublayer_out: Tensor, residual: Tensor) -> Tensor:
+        """The block's new hidden state: sublayer_out + residual, or the adapters' composition."""
+        h = sublayer_out + residual
+        for g in self.groups:
+            if adapters := g.bottlenecks(layer, location):
+                h = g.put(h, bottleneck_math.compose(adapters, g.take(sublayer_out), g.take(residual), g.token_mask))
+        return h
+
+    # ---- embedding sites
+    def token_embeddings(self, h: Tensor) -> Tensor:
+        """Put soft-prompt vectors over the placeholder embeddings of the virtual tokens."""
+        for g in self.groups:
+            if g.prompt_in_chunk:
+                prompt = next(a.prompt for a in g.setup if a.prompt is not None).embeddings
+                rows = g.rows if not g.all_rows else torch.arange(h.shape[0], device=h.device)
+                h[rows, : prompt.shape[0]] = prompt.to(h.dtype)
+        return h
+
+    def embeddings(self, h: Tensor) -> Tensor:
+        """Invertible (NICE) adapter of each setup's first adapter, on the embedding output."""
+        for g in self.groups:
+            if (inv := g.setup[0].invertible) is not None:
+                h = g.put(h, invertible_math.forward(inv, g.take(h)))
+        return h
+
+
+NO_ADAPTERS = AdapterBatch()
+
+
+def build_adapter_batch(
+    setups: Sequence[Setup],
+    query_lens: Sequence[int],
+    prompt_in_chunk: Sequence[bool],
+    seq_len: int,
+    device: torch.device,
+) -> AdapterBatch:
+    """Group rows by setup (same adapters, same order). Rows with an empty setup are left out."""
+    by_key: dict[tuple, list[int]] = {}
+    for row, setup in enumerate(setups):
+        if setup:
+            by_key.setdefault((tuple(id(a) for a in setup), bool(prompt_in_chunk[row])), []).append(row)
+    lens = torch.tensor(list(query_lens), device=device)
+    padded = bool((lens != seq_len).any())
+    groups = []
+    for (_, prompt), rows in by_key.items():
+        rows_t = torch.tensor(rows, device=device, dtype=torch.long)
+        mask = None
+        if padded:
+            mask = (torch.arange(seq_len, device=device)[None, :] < lens[rows_t][:, None]).unsqueeze(-1).float()
+        groups.append(
+            AdapterGroup(
+                rows=rows_t,
+                setup=setups[rows[0]],
+                token_mask=mask,
+                all_rows=rows == list(range(len(setups))),
+                prompt_in_chunk=prompt,
+            )
+        )
+    return AdapterBatch(tuple(groups))
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """Everything one forward pass needs besides the weights and the KV cache.
+
+    Rows are requests; row b holds `query_lens[b]` new tokens (right-padded to S). Token j of
+    row b is written to KV-cache index `cache_starts[b] + j` of slot `cache_slots[b]`, and
+    attends to every cache index <= that one (prefix entries included).
+    """
+
+    input_ids: Tensor  # [B, S] int64, padding arbitrary
+    positions: Tensor  # [B, S] int64 position ids (embeddings / RoPE)
+    cache_slots: Tensor  # [B] int64 KV slot per row
+    cache_starts: Tensor  # [B] int64 cache index of each row's first new token
+    query_lens: Tensor  # [B] int64 valid new tokens per row
+    kv_len: int  # max over rows of cache_starts + query_lens: the cache length attention reads
+    slot_start: int | None  # rows use slots slot_start.. in order (a view, no gather), else None
+    padded: bool  # some row has fewer than S valid tokens
+    adapters: AdapterBatch = NO_ADAPTERS
+    all_logits: bool = False  # logits for every position (echo/logprobs) or the last valid one
+    # layer -> ([B] lo, [B] hi): cache indices lo..hi-1 are hidden from that layer's queries
+    # (prefix entries of a prefix adapter that leaves the layer out)
+    prefix_hidden: Mapping[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    @staticmethod
+    def build(
+        tokens: Sequence[Sequence[int]],
+        positions: Sequence[Sequence[int]],
+        cache_slots: Sequence[int],
+        cache_starts: Sequence[int],
+        device: torch.device,
+        adapters: AdapterBatch = NO_ADAPTERS,
+        all_logits: bool = False,
+        prefix_hidden: Mapping[int, tuple[Tensor, Tensor]] | None = None,
+    ) -> "ForwardBatch":
+        """From host lists: right-pads rows to the longest and derives the host-side facts
+        (kv_len, slot_start, padded) once, so that no layer has to sync with the device."""
+        lens = [len(t) for t in tokens]
+        S = max(lens)
+        ids = torch.zeros(len(tokens), S, dtype=torch.long)
+        pos = torch.zeros(len(tokens), S, dtype=torch.long)
+        for b, (t, p) in enumerate(zip(tokens, positions)):
+            ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
+            pos[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        slots = list(cache_slots)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        return ForwardBatch(
+            input_ids=ids.to(device),
+            positions=pos.to(device),
+            cache_slots=torch.tensor(slots, dtype=torch.long, device=device),
+            cache_starts=torch.tensor(list(cache_starts), dtype=torch.long, device=device),
+            query_lens=torch.tensor(lens, dtype=torch.long, device=device),
+            kv_len=max(s + n for s, n in zip(cache_starts, lens)),
+            slot_start=slots[0] if contiguous else None,
+            padded=any(n != S for n in lens),
+            adapters=adapters,
+            all_logits=all_logits,
+            prefix_hidden=prefix_hidden or {},
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])

@@ -1,0 +1,41 @@
+"""Typed domain errors. `server/errors.py` maps each to one HTTP status, in one place."""
+
+
+class AdapterRuntimeError(Exception):
+    """Base class: every error the engine raises on purpose."""
+
+
+class InvalidRequest(AdapterRuntimeError):
+    """The request itself is malformed or out of bounds (400)."""
+
+
+class AdapterNotFound(AdapterRuntimeError):
+    """A request names an adapter that is not registered (404)."""
+
+
+class AdapterFormatError(AdapterRuntimeError):
+    """An adapter directory is unreadable: missing file, bad JSON, unsafe pickle (422)."""
+
+
+class AdapterUnsupported(AdapterRuntimeError):
+    """A valid adapter uses a method or option this server does not implement (422)."""
+
+
+class AdapterIncompatible(AdapterRuntimeError):
+    """An adapter does not fit the loaded base model: model type, sizes, shapes (422)."""
+
+
+class AdapterConflict(AdapterRuntimeError):
+    """The operation conflicts with the adapter's state: duplicate name, cannot merge (409)."""
+
+
+class CapacityExceeded(AdapterRuntimeError):
+    """The queue or another bounded resource is full; retry later (429)."""
+
+
+class EngineUnavailable(AdapterRuntimeError):
+    """The engine is shutting down or has failed (503)."""
+
+
+class ModelLoadError(AdapterRuntimeError):
+    """The base model checkpoint cannot be loaded."""

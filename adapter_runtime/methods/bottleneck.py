@@ -1,0 +1,91 @@
+"""Bottleneck adapters (Pfeiffer, Houlsby, parallel, any BnConfig; Compacter after PHM
+materialization) at one residual site, alone or stacked (AdapterHub reference §3.1, §7.2.1).
+
+Reference loop at one location, s = sublayer output, r = residual before the sublayer:
+    v = s
+    for a in stack:
+        parallel:   x = ares = r              (earlier adapters' v is discarded)
+        sequential: x = v + r if a.original_ln_before else v
+                    ares = v if a.residual_before_ln is True else x
+        v = forward(a, x, ares)
+    last parallel:   h = v + s (+ r if original_ln_after)
+    last sequential: h = v + r if original_ln_after else v
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..adapters import Bottleneck
+from .lora import token_mean
+
+LN_EPS = 1e-5  # adapter LayerNorms are nn.LayerNorm(H) with the default eps, on Llama too
+
+
+@lru_cache(maxsize=None)
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The library's activation lookup: transformers' ACT2FN by lower-cased name, and
+    "leakyrelu" as F.leaky_relu (slope 0.01)."""
+    from transformers.activations import get_activation
+
+    name = name.lower()
+    if name == "leakyrelu":
+        return F.leaky_relu
+    return get_activation(name)
+
+
+def _layer_norm(x: Tensor, params: tuple[Tensor, Tensor] | None) -> Tensor:
+    if params is None:
+        return x
+    weight, bias = params
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, LN_EPS)
+
+
+def branch(a: Bottleneck, x: Tensor, token_mask: Tensor | None) -> Tensor:
+    """u(x) = U(act(D(LN_before(x)))) * scaling * gate(x)   [n, S, H]"""
+    z = F.linear(_layer_norm(x, a.ln_before), a.down_weight, a.down_bias)
+    up = F.linear(activation(a.activation)(z), a.up_weight, a.up_bias) * a.scaling
+    if a.gate is not None:  # gate reads the pre-LN input; mean over the chunk's tokens
+        up = up * token_mean(torch.sigmoid(F.linear(x, *a.gate)), token_mask)
+    return up
+
+
+def forward(a: Bottleneck, x: Tensor, ares: Tensor, token_mask: Tensor | None) -> Tensor:
+    """One adapter's output before the block's post-processing (§3.1 steps 2-5)."""
+    out = branch(a, x, token_mask)
+    if a.is_parallel:
+        return _layer_norm(out, a.ln_after)
+    if a.adapter_residual_before_ln:
+        out = out + ares
+    out = _layer_norm(out, a.ln_after)
+    if not a.adapter_residual_before_ln:
+        out = out + ares
+    return out
+
+
+def compose(stack: Sequence[Bottleneck], s: Tensor, r: Tensor, token_mask: Tensor | None) -> Tensor:
+    """The block's hidden state after the location: see the module docstring."""
+    v = s
+    for a in stack:
+        if a.is_parallel:
+            x, ares = r, r
+        else:
+            x = v + r if a.original_ln_before else v
+            ares = v if a.residual_before_ln is True else x
+        v = forward(a, x, ares, token_mask)
+    last = stack[-1]
+    if last.is_parallel:
+        return v + s + r if last.original_ln_after else v + s
+    return v + r if last.original_ln_after else v
+
+
+def phm_weight(rule: Tensor, W: Tensor) -> Tensor:
+    """Compacter's PHM matrix sum_i kron(rule[i], W[i]) -> [in, out] (used as x @ H, no transpose).
+
+    rule [n, n, n], W [n, in/n, out/n]."""
+    return sum(torch.kron(rule[i], W[i]) for i in range(rule.shape[0]))

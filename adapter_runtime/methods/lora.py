@@ -1,0 +1,68 @@
+"""Linear-site math: LoRA deltas and (IA)^3 scales, alone or stacked.
+
+Reference loop for one linear y = base(x) with the adapters e_1..e_n of a Stack present there
+(AdapterHub reference §7.2.3; a single adapter is the n = 1 case, which is also PEFT's):
+    v = None
+    for e in effects:
+        LoRA: v = e.scale * ((x if v is None else v) @ A.T) @ B.T
+        IA3:  v = e.vector if v is None else v * e.vector
+    y = y + v if the last effect is a LoRA else y * v
+PEFT's feed-forward (IA)^3 scales the *input* instead: y = base(x * vector) (`scale_input`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ..adapters import LoRA, LinearEffect, Scale
+
+
+def token_mean(values: Tensor, token_mask: Tensor | None) -> Tensor:
+    """Mean over the sequence axis of [n, S, k], counting valid tokens only -> [n, 1, k]."""
+    if token_mask is None:
+        return values.mean(dim=1, keepdim=True)
+    return (values * token_mask).sum(dim=1, keepdim=True) / token_mask.sum(dim=1, keepdim=True).clamp_min(1)
+
+
+def lora_scale(lora: LoRA, x: Tensor, token_mask: Tensor | None) -> Tensor | float:
+    """alpha/r, or for gated LoRA the per-row, per-output-block gate (broadcast to [n, 1, out])."""
+    if lora.gate_weight is None:
+        return lora.scale
+    gate = token_mean(torch.sigmoid(x @ lora.gate_weight.T + lora.gate_bias), token_mask)  # [n, 1, blocks]
+    out = lora.B.shape[0]
+    return gate.repeat_interleave(out // gate.shape[-1], dim=-1)  # [n, 1, out]
+
+
+def lora_delta(lora: LoRA, z: Tensor, x: Tensor, token_mask: Tensor | None) -> Tensor:
+    """scale * ((z @ A.T) @ B.T + bias); z is the LoRA input, x the layer input (for the gate)."""
+    delta = (z @ lora.A.T) @ lora.B.T
+    if lora.bias is not None:
+        delta = delta + lora.bias
+    return delta * lora_scale(lora, x, token_mask)
+
+
+def scale_input(x: Tensor, effects: Sequence[LinearEffect]) -> Tensor:
+    """Apply the input-side (IA)^3 vectors (PEFT feed-forward modules): x * l."""
+    for e in effects:
+        if isinstance(e, Scale) and e.on_input:
+            x = x * e.vector
+    return x
+
+
+def apply_output(x: Tensor, y: Tensor, effects: Sequence[LinearEffect], token_mask: Tensor | None) -> Tensor:
+    """y = base(x) with the output-side effects applied (see the module docstring)."""
+    running: Tensor | None = None
+    last_is_lora = False
+    for e in effects:
+        if isinstance(e, LoRA):
+            running = lora_delta(e, x if running is None else running, x, token_mask)
+            last_is_lora = True
+        elif not e.on_input:
+            running = e.vector if running is None else running * e.vector
+            last_is_lora = False
+    if running is None:
+        return y
+    return y + running if last_is_lora else y * running

@@ -1,0 +1,136 @@
+"""Model families and checkpoint loading. `load_model` is the one entry point."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from .common import KVCache, ModelInfo
+from .gpt2 import GPT2LMHeadModel
+from .llama import LLAMA_TYPES, LlamaForCausalLM
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+DEFAULT_MODEL_NAME = "tiny-llama-embedded"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: nn.Module  # GPT2LMHeadModel | LlamaForCausalLM, eval mode, frozen
+    tokenizer: object  # a transformers tokenizer
+    info: ModelInfo
+    name: str  # what /v1/models calls the base model
+    eos_token_ids: tuple[int, ...]
+
+
+def model_class(config) -> type[nn.Module]:
+    if config.model_type == "gpt2":
+        return GPT2LMHeadModel
+    if config.model_type in LLAMA_TYPES:
+        return LlamaForCausalLM
+    raise ModelLoadError(f"unsupported model_type {config.model_type!r}; supported: gpt2, {', '.join(LLAMA_TYPES)}")
+
+
+def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a HF checkpoint: model.safetensors, a sharded safetensors index, or a
+    pytorch_model.bin read with weights_only=True (never an unrestricted unpickle)."""
+    from safetensors.torch import load_file
+
+    if (model_dir / "model.safetensors").exists():
+        return load_file(model_dir / "model.safetensors")
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (model_dir / index_name).exists():
+            shards = sorted(set(json.loads((model_dir / index_name).read_text())["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(load_file(model_dir / shard) if shard.endswith(".safetensors")
+                             else torch.load(model_dir / shard, map_location="cpu", weights_only=True))
+            return state
+    if (model_dir / "pytorch_model.bin").exists():
+        return torch.load(model_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise ModelLoadError(f"no model.safetensors, sharded index or pytorch_model.bin in {model_dir}")
+
+
+def build_model(config, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
+    cls = model_class(config)
+    if cls is GPT2LMHeadModel:
+        state = GPT2LMHeadModel.convert_checkpoint(state)
+    state = {k: v for k, v in state.items() if "rotary_emb.inv_freq" not in k}
+    with torch.device("meta"):
+        model = cls(config)
+    tied = model.lm_head.weight is next(iter(model.parameters())) or getattr(config, "tie_word_embeddings", False)
+    if tied:
+        state.pop("lm_head.weight", None)
+    model = model.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if tied:
+        model.lm_head.weight = (model.transformer.wte if cls is GPT2LMHeadModel else model.model.embed_tokens).weight
+    # buffers created on meta (rotary inv_freq) are recomputed on the real device
+    if cls is LlamaForCausalLM:
+        from .llama import Rotary
+
+        model.model.rotary = Rotary(config)
+    model = model.to(device=device, dtype=dtype).eval()
+    if cls is LlamaForCausalLM:
+        model.model.rotary.inv_freq = model.model.rotary.inv_freq.float()
+    model.requires_grad_(False)
+    return model
+
+
+def load_model(model_dir: str | Path | None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
+    """A local HF checkpoint directory (config.json + weights + tokenizer), or with None the
+    embedded default model. Never downloads anything."""
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    device = torch.device(device)
+    if model_dir is None:
+        return default_model(dtype, device)
+    from transformers import AutoConfig
+
+    from ..tokenizer import load_tokenizer
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").exists():
+        raise ModelLoadError(f"{model_dir} has no config.json (a local Hugging Face checkpoint directory is expected)")
+    config = AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    model = build_model(config, read_checkpoint(model_dir), dtype, device)
+    tokenizer = load_tokenizer(model_dir)
+    eos = config.eos_token_id if config.eos_token_id is not None else tokenizer.eos_token_id
+    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+    return LoadedModel(model, tokenizer, model.info, model_dir.name, eos_ids)
+
+
+def default_model_config():
+    """The embedded default: a seeded tiny Llama (GQA) over the byte-level tokenizer."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=257, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
+        bos_token_id=256, eos_token_id=256, pad_token_id=256,
+    )
+
+
+def default_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    from ..tokenizer import build_byte_tokenizer
+
+    config = default_model_config()
+    generator = torch.Generator().manual_seed(0)
+    model = LlamaForCausalLM(config)
+    for name, p in model.named_parameters():
+        if p.dim() > 1:
+            p.data = torch.randn(p.shape, generator=generator) * 0.05
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.model.rotary.inv_freq = model.model.rotary.inv_freq.float()
+    return LoadedModel(model, build_byte_tokenizer(), model.info, DEFAULT_MODEL_NAME, (256,))
+
+
+__all__ = ["KVCache", "LoadedModel", "ModelInfo", "load_model", "model_class", "build_model", "DEFAULT_MODEL_NAME"]
