@@ -47,26 +47,58 @@ class AdapterGroup:
         return [b for a in self.setup if (b := a.bottleneck.get((layer, location))) is not None]
 
 
+# From this many distinct plain LoRAs at one linear, gathered batched matmuls beat a loop.
+GATHERED_LORA_MIN_GROUPS = 3
+
+
 @dataclass(frozen=True)
 class AdapterBatch:
     groups: tuple[AdapterGroup, ...] = ()
+    # per-site stacked LoRA weights for the gathered path; a memo, reused while the engine
+    # keeps this AdapterBatch (a decode batch whose rows do not change)
+    _lora_stacks: dict = field(default_factory=dict, compare=False, repr=False)
+    # while an adapter is merged into the base weights: the rows that do not use it, and per
+    # linear site the effect that takes the merged output back to the base output
+    unmerge: "Unmerge | None" = None
 
     # ---- linear sites: LoRA deltas, (IA)^3 scales
     def linear(self, layer: int, module: str, base: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """base(x) [.., out] plus each group's effect at (layer, module)."""
         touched = [(g, effects) for g in self.groups if (effects := g.linear_effects(layer, module))]
-        if not touched:
+        undo = self.unmerge.effects.get((layer, module)) if self.unmerge is not None else None
+        if not touched and undo is None:
             return base(x)
+        if undo is None and len(touched) >= GATHERED_LORA_MIN_GROUPS and all(
+            len(e) == 1 and linear_math.is_plain_lora(e[0]) for _, e in touched
+        ):
+            rows, A, B = self._stacked_loras(layer, module, touched)
+            y = base(x)
+            return y.index_add_(0, rows, linear_math.gathered_lora_delta(x[rows], A, B))
+        # input scales act before the shared base op; x feeds other sites: never scale in place
+        scaled_inputs = [(g, e) for g, e in touched if any(isinstance(f, Scale) and f.on_input for f in e)]
+        if undo is not None:
+            scaled_inputs.insert(0, (self.unmerge.rows, [undo]))
         x_in = x
-        for g, effects in touched:  # input scales must act before the shared base op
-            if any(isinstance(e, Scale) and e.on_input for e in effects):
-                if x_in is x and not g.all_rows:
-                    x_in = x.clone()  # x feeds other sites too: never scale it in place
-                x_in = g.put(x_in, linear_math.scale_input(g.take(x), effects))
+        for g, effects in scaled_inputs:
+            if x_in is x and not g.all_rows:
+                x_in = x.clone()
+            x_in = g.put(x_in, linear_math.scale_input(g.take(x_in), effects))
         y = base(x_in)
+        if undo is not None:  # back to the base output first, then the rows' own effects
+            rows = self.unmerge.rows
+            y = rows.put(y, linear_math.apply_output(rows.take(x_in), rows.take(y), [undo], None))
         for g, effects in touched:
             y = g.put(y, linear_math.apply_output(g.take(x), g.take(y), effects, g.token_mask))
         return y
+
+    def _stacked_loras(self, layer: int, module: str, touched) -> tuple[Tensor, Tensor, Tensor]:
+        key = (layer, module)
+        if key not in self._lora_stacks:
+            rows = torch.cat([g.rows for g, _ in touched])
+            counts = [len(g.rows) for g, _ in touched]
+            A, B = linear_math.stack_loras([e[0] for _, e in touched], counts)
+            self._lora_stacks[key] = (rows, A, B)
+        return self._lora_stacks[key]
 
     # ---- residual sites: bottleneck adapters around a sublayer
     def residual(self, layer: int, location: str, sublayer_out: Tensor, residual: Tensor) -> Tensor:
@@ -98,14 +130,40 @@ class AdapterBatch:
 NO_ADAPTERS = AdapterBatch()
 
 
+@dataclass(frozen=True)
+class Unmerge:
+    rows: AdapterGroup  # rows whose setup does not hold the merged adapter (setup empty)
+    effects: Mapping[tuple[int, str], LinearEffect]  # (layer, module) -> inverse effect
+
+
+def without_linear(adapter: Adapter) -> Adapter:
+    """The part of a merged adapter that still runs per row (a union's bottleneck, say)."""
+    from dataclasses import replace
+
+    return replace(adapter, linear={})
+
+
 def build_adapter_batch(
     setups: Sequence[Setup],
     query_lens: Sequence[int],
     prompt_in_chunk: Sequence[bool],
     seq_len: int,
     device: torch.device,
+    merged: "MergedAdapter | None" = None,
 ) -> AdapterBatch:
-    """Group rows by setup (same adapters, same order). Rows with an empty setup are left out."""
+    """Group rows by setup (same adapters, same order). Rows with an empty setup are left out.
+
+    With `merged` (an adapter folded into the base weights), rows using it drop its linear
+    effects, and every other row gets the merged delta undone at each merged site."""
+    unmerge = None
+    if merged is not None:
+        using = [any(a is merged.adapter for a in setup) for setup in setups]
+        setups = [tuple(merged.residue if a is merged.adapter else a for a in setup) for setup in setups]
+        other_rows = [row for row, uses in enumerate(using) if not uses]
+        if other_rows:
+            rows_t = torch.tensor(other_rows, device=device, dtype=torch.long)
+            group = AdapterGroup(rows_t, (), None, other_rows == list(range(len(setups))), False)
+            unmerge = Unmerge(group, merged.inverse_effects)
     by_key: dict[tuple, list[int]] = {}
     for row, setup in enumerate(setups):
         if setup:
@@ -127,7 +185,16 @@ def build_adapter_batch(
                 prompt_in_chunk=prompt,
             )
         )
-    return AdapterBatch(tuple(groups))
+    return AdapterBatch(tuple(groups), unmerge=unmerge)
+
+
+@dataclass(frozen=True)
+class MergedAdapter:
+    """An adapter whose linear effects are folded into the base weights (see merge.py)."""
+
+    adapter: Adapter
+    residue: Adapter  # the adapter without its linear effects: what its rows still run
+    inverse_effects: Mapping[tuple[int, str], LinearEffect]
 
 
 @dataclass(frozen=True)

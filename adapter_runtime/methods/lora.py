@@ -66,3 +66,31 @@ def apply_output(x: Tensor, y: Tensor, effects: Sequence[LinearEffect], token_ma
     if running is None:
         return y
     return y + running if last_is_lora else y * running
+
+
+# --------------------------------------------------------------------------- gathered path
+# Many distinct LoRAs at one linear: instead of a loop over adapters, stack one A and one B
+# per row (ranks zero-padded to the largest, scale folded into B) and use two batched
+# matmuls. Same result as lora_delta row by row (the zero padding adds exact zeros).
+
+
+def is_plain_lora(e: LinearEffect) -> bool:
+    return isinstance(e, LoRA) and e.gate_weight is None and e.bias is None
+
+
+def stack_loras(loras: Sequence[LoRA], rows_per_lora: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """-> A [n_rows, r_max, in], B [n_rows, out, r_max] with B scaled; row order = loras order."""
+    r_max = max(l.A.shape[0] for l in loras)
+    As, Bs = [], []
+    for l, n in zip(loras, rows_per_lora):
+        r = l.A.shape[0]
+        A = torch.nn.functional.pad(l.A, (0, 0, 0, r_max - r))  # [r_max, in]
+        B = torch.nn.functional.pad(l.B * l.scale, (0, r_max - r))  # [out, r_max]
+        As.append(A.expand(n, *A.shape))
+        Bs.append(B.expand(n, *B.shape))
+    return torch.cat(As), torch.cat(Bs)
+
+
+def gathered_lora_delta(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """x [n, S, in], A [n, r, in], B [n, out, r] -> [n, S, out]: row i gets B_i A_i x_i."""
+    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))

@@ -1,0 +1,26 @@
+# Two commands on a fresh machine:
+#   make serve   set up .venv and run the server on the embedded default model
+#   make test    set up .venv (with the test-only oracles) and run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+
+$(VENV)/.runtime: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.runtime
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+.PHONY: serve test bench
+serve: $(VENV)/.runtime
+	$(BIN)/adapter-server serve $(ARGS)
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: $(VENV)/.test
+	$(BIN)/python -m benchmarks.run $(ARGS)

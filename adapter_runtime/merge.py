@@ -1,0 +1,74 @@
+"""Merge one adapter's linear effects into the base weights, and reset them bit for bit.
+
+The engine calls these between steps, never inside one. While merged, the adapter's rows run
+on the merged weights with no adapter work at the merged sites, and every other row gets the
+merged delta undone (batch.Unmerge), so nobody's output changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Adapter
+from .batch import MergedAdapter, without_linear
+from .errors import AdapterConflict
+from .methods import merge as merge_math
+
+
+def site_linear(model: nn.Module, layer: int, module: str) -> nn.Linear:
+    blocks = model.transformer.h if model.info.family == "gpt2" else model.model.layers
+    return blocks[layer].get_submodule(module)
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    merged: MergedAdapter
+    originals: dict[tuple[int, str], tuple[Tensor, Tensor | None]]  # host copies, bit-exact
+
+
+def why_not_mergeable(adapter: Adapter) -> str | None:
+    """None if the adapter can be merged, else the reason (shown to the admin with a 409)."""
+    if not adapter.linear:
+        kinds = [k for k, present in (("bottleneck", adapter.bottleneck), ("invertible", adapter.invertible),
+                                      ("prefix tuning", adapter.prefix), ("prompt tuning", adapter.prompt)) if present]
+        return (f"adapter {adapter.name!r} ({', '.join(kinds) or adapter.method}) has no linear-layer part: only LoRA and "
+                "(IA)^3 adapters (or the LoRA part of a union) change base weights and can be merged")
+    for (layer, module), effect in adapter.linear.items():
+        try:
+            merge_math.check_mergeable(effect, f"layer {layer} {module}")
+        except AdapterConflict as e:
+            return f"adapter {adapter.name!r} cannot be merged: {e}"
+    return None
+
+
+def merge(model: nn.Module, adapter: Adapter) -> MergeRecord:
+    """Fold `adapter` (already on the model's device/dtype) into the base weights."""
+    if (reason := why_not_mergeable(adapter)) is not None:
+        raise AdapterConflict(reason)
+    originals = {}
+    with torch.no_grad():
+        for (layer, module), effect in adapter.linear.items():
+            linear = site_linear(model, layer, module)
+            originals[(layer, module)] = (
+                linear.weight.detach().to("cpu", copy=True),
+                linear.bias.detach().to("cpu", copy=True) if linear.bias is not None else None,
+            )
+            weight, bias = merge_math.merged_weights(effect, linear.weight, linear.bias)
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)
+    inverse = {site: merge_math.inverse(effect) for site, effect in adapter.linear.items()}
+    return MergeRecord(MergedAdapter(adapter, without_linear(adapter), inverse), originals)
+
+
+def reset(model: nn.Module, record: MergeRecord) -> None:
+    """Copy the original tensors back: the base weights are torch.equal to before the merge."""
+    with torch.no_grad():
+        for (layer, module), (weight, bias) in record.originals.items():
+            linear = site_linear(model, layer, module)
+            linear.weight.copy_(weight)
+            if bias is not None:
+                linear.bias.copy_(bias)

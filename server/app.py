@@ -1,0 +1,43 @@
+"""The app factory. The engine is built (or injected) in the lifespan, never at import."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from . import errors, routes
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_engine(settings: Settings):
+    from adapter_runtime.engine import EngineConfig, build_engine
+
+    config = EngineConfig(max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, max_queue=settings.max_queue)
+    return build_engine(settings.model, settings.dtype, settings.device, config, settings.adapters)
+
+
+def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
+    """An app serving `engine` (started and stopped with the app), or one built from `settings`."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        eng = engine if engine is not None else build_engine(settings)
+        app.state.engine = eng.start()
+        app.state.created = int(time.time())
+        log.info("serving %s (%d adapters) on %s, max_batch %d, max_seq_len %d", eng.model_name,
+                 len(eng.registry.names()), eng.device, eng.config.max_batch, eng.max_seq_len)
+        try:
+            yield
+        finally:
+            eng.stop()
+
+    app = FastAPI(title="adapter-server", version="0.1.0", lifespan=lifespan)
+    errors.install(app)
+    app.include_router(routes.router)
+    return app

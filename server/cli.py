@@ -1,0 +1,48 @@
+"""`adapter-server serve [...]` (also `python -m server serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .settings import Settings, parse_adapter_spec
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adapter-server", description="Serve one base model with many adapters.")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the HTTP server (flags override ADAPTER_SERVER_* variables)")
+    s.add_argument("--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    s.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    s.add_argument("--max-batch", type=int, dest="max_batch")
+    s.add_argument("--max-seq-len", type=int, dest="max_seq_len")
+    s.add_argument("--max-queue", type=int, dest="max_queue")
+    s.add_argument("--adapter", action="append", type=parse_adapter_spec, dest="adapters", metavar="NAME=DIR",
+                   help="load an adapter directory at startup (repeatable)")
+    s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if k != "command"}
+    if overrides.get("adapters"):
+        overrides["adapters"] = tuple(overrides["adapters"])
+    settings = Settings.from_env(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from .app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""Server settings: defaults < environment variables `ADAPTER_SERVER_*` < command-line flags."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Mapping
+
+ENV_PREFIX = "ADAPTER_SERVER_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None  # local HF checkpoint directory; None = the embedded tiny model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    dtype: str = "float32"
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    max_batch: int = 32
+    max_seq_len: int | None = None  # None = the model's maximum (capped at 4096)
+    max_queue: int = 256
+    adapters: tuple[tuple[str, str], ...] = ()  # (name, directory) loaded at startup
+    log_level: str = "info"
+
+    @staticmethod
+    def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
+        """Settings from `ADAPTER_SERVER_<FIELD>` variables, then `overrides` (non-None) on top.
+        ADAPTER_SERVER_ADAPTERS is a comma-separated list of NAME=DIR."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(Settings):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None and raw != "":
+                values[f.name] = parse_field(f.name, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return Settings(**values)
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, str]:
+    name, sep, directory = spec.partition("=")
+    if not sep or not name.strip() or not directory.strip():
+        raise ValueError(f"adapter must be given as NAME=DIR, got {spec!r}")
+    return name.strip(), directory.strip()
+
+
+def parse_field(name: str, raw: str):
+    if name in ("port", "max_batch", "max_seq_len", "max_queue"):
+        return int(raw)
+    if name == "adapters":
+        return tuple(parse_adapter_spec(s) for s in raw.split(",") if s.strip())
+    return raw
