@@ -20,7 +20,7 @@ serve: $(VENV)/.runtime
 	$(BIN)/adapter-server serve $(ARGS)
 
 test: $(VENV)/.test
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -q $(ARGS)
 
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.run $(ARGS)
