@@ -15,6 +15,8 @@ FAMILIES = {
                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}},
     "llama-rope-yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
                         "rope_theta": 500.0},
+    "llama-rope-linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "llama-rope-dynamic": {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 8},
     "llama-tied": {"tie_word_embeddings": True},
     "mistral": {"sliding_window": 6},
     "qwen2": {},
@@ -47,6 +49,9 @@ def test_incremental_decoding_equals_full_forward(pair):
     """Prefill 5 tokens, then feed one token per step through the KV cache: every step's
     logits equal transformers' full forward at that position."""
     hf, ours = pair
+    if hf.config.rope_scaling and hf.config.rope_scaling.get("rope_type") == "dynamic":
+        pytest.skip("dynamic NTK rescales every position once the sequence outgrows the original length, so a "
+                    "cache filled earlier differs from a full forward (transformers' own cached decoding does the same)")
     ids = random_ids(2, 11, seed=3)
     with torch.no_grad():
         ref = hf(ids).logits
