@@ -60,6 +60,7 @@ class AdapterBatch:
     # while an adapter is merged into the base weights: the rows that do not use it, and per
     # linear site the effect that takes the merged output back to the base output
     unmerge: "Unmerge | None" = None
+    batch_size: int = 0  # rows in the step (0 = unknown)
 
     # ---- linear sites: LoRA deltas, (IA)^3 scales
     def linear(self, layer: int, module: str, base: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -73,6 +74,8 @@ class AdapterBatch:
         ):
             rows, A, B = self._stacked_loras(layer, module, touched)
             y = base(x)
+            if rows is None:  # every row has its own LoRA and the stacks are in row order
+                return y + linear_math.gathered_lora_delta(x, A, B)
             return y.index_add_(0, rows, linear_math.gathered_lora_delta(x[rows], A, B))
         # input scales act before the shared base op; x feeds other sites: never scale in place
         scaled_inputs = [(g, e) for g, e in touched if any(isinstance(f, Scale) and f.on_input for f in e)]
@@ -91,12 +94,18 @@ class AdapterBatch:
             y = g.put(y, linear_math.apply_output(g.take(x), g.take(y), effects, g.token_mask))
         return y
 
-    def _stacked_loras(self, layer: int, module: str, touched) -> tuple[Tensor, Tensor, Tensor]:
+    def _stacked_loras(self, layer: int, module: str, touched) -> tuple[Tensor | None, Tensor, Tensor]:
+        """(rows, A, B) for the gathered path; rows None when the groups cover the whole batch
+        (groups are disjoint, so the counts tell without a device sync): the stacks are then
+        put in row order once, and the delta needs no gather or scatter."""
         key = (layer, module)
         if key not in self._lora_stacks:
             rows = torch.cat([g.rows for g, _ in touched])
             counts = [len(g.rows) for g, _ in touched]
             A, B = linear_math.stack_loras([e[0] for _, e in touched], counts)
+            if sum(counts) == self.batch_size:
+                order = torch.argsort(rows)
+                rows, A, B = None, A[order], B[order]
             self._lora_stacks[key] = (rows, A, B)
         return self._lora_stacks[key]
 
@@ -186,7 +195,7 @@ def build_adapter_batch(
                 prompt_in_chunk=prompt,
             )
         )
-    return AdapterBatch(tuple(groups), unmerge=unmerge)
+    return AdapterBatch(tuple(groups), unmerge=unmerge, batch_size=len(setups))
 
 
 @dataclass(frozen=True)

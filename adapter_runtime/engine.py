@@ -3,7 +3,8 @@
 Each step of the worker loop:
   1. drop cancelled requests (their KV slots are freed at once);
   2. admit waiting requests while a slot is free: write their prefix-tuning entries, prefill
-     the prompt (one request per forward) and emit the first token;
+     their prompts (together, right-padded, in forwards of at most PREFILL_TOKENS tokens; a
+     request echoing prompt logprobs alone) and emit each first token;
   3. one batched decode forward (one token per running request, S=1) and emit its tokens.
 Requests join between steps and leave as soon as they finish. The HTTP side only calls
 `submit` and reads the handle's events; all torch work happens on the worker thread.
@@ -19,20 +20,25 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Iterator, Sequence
+from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
+from concurrent.futures import Future
+
 from . import layout, sampling
+from . import merge as merge_ops
 from .batch import ForwardBatch, Setup, build_adapter_batch
-from .errors import AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest
+from .errors import AdapterConflict, AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest
 from .models import LoadedModel
 from .models.common import KVCache
 from .registry import AdapterRegistry
 from .sampling import SamplingParams
 
 log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = 8192  # most (padded) prompt tokens in one prefill forward
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,9 @@ class RequestHandle:
     asyncio (`async for event in handle`, when submitted inside a running loop) or blocking
     (`handle.events()` / `handle.result()`, when submitted outside one)."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Request, on_done: Callable[[], None] | None = None):
         self.request = request
+        self._on_done = on_done  # called once, on the worker thread, with the last event
         self._cancelled = threading.Event()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -124,6 +131,9 @@ class RequestHandle:
         return self._cancelled.is_set()
 
     def _push(self, event: Event) -> None:  # worker thread
+        if (event.finish_reason is not None or event.error is not None) and self._on_done is not None:
+            done, self._on_done = self._on_done, None
+            done()  # e.g. unpin the request's adapters
         if self._loop is None:
             self._queue.put(event)
             return
@@ -198,6 +208,9 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._decode_adapters: tuple | None = None  # (row key, merge state, AdapterBatch) of the last decode
+        self._merge: merge_ops.MergeRecord | None = None
+        self._commands: deque[tuple] = deque()  # (fn, Future) to run between two steps
 
     # ------------------------------------------------------------------ public API
     @property
@@ -240,13 +253,14 @@ class Engine:
             return {"running": len(self._running), "waiting": len(self._waiting), "free_slots": len(self._free),
                     "max_batch": self.config.max_batch, "max_seq_len": self.max_seq_len}
 
-    def submit(self, request: Request) -> RequestHandle:
+    def submit(self, request: Request, on_done: Callable[[], None] | None = None) -> RequestHandle:
         """Validate and queue a request. Raises InvalidRequest (400), CapacityExceeded (429)
-        when the waiting queue is full, EngineUnavailable (503) when stopping."""
+        when the waiting queue is full, EngineUnavailable (503) when stopping. `on_done` runs
+        once when the request ends (finished, failed or cancelled), not if submit raises."""
         self.validate(request)
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
-        handle = RequestHandle(request)
+        handle = RequestHandle(request, on_done)
         with self._cond:
             if self._stopping:
                 raise EngineUnavailable("the server is shutting down")
@@ -281,7 +295,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._running or self._waiting):
+                    while not (self._stopping or self._running or self._waiting or self._commands):
                         self._cond.wait()
                     if self._stopping:
                         return
@@ -289,6 +303,7 @@ class Engine:
                         self._waiting.remove(h)
                         h._push(Event(finish_reason="cancelled", prompt_tokens=len(h.request.prompt_ids)))
                     admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+                self._run_commands()  # merge / reset: between steps, never inside one
                 try:
                     self._step(admitted)
                 except Exception as e:  # never let one bad step take the server down
@@ -299,49 +314,97 @@ class Engine:
     def _step(self, admitted: list[RequestHandle]) -> None:
         for r in [r for r in self._running if r.handle.cancelled]:
             self._finish(r, "cancelled")
-        for handle in admitted:
-            self._prefill(handle)
+        for group in self._prefill_groups(admitted):
+            self._prefill(group)
         if self._running:
             self._decode()
 
-    def _prefill(self, handle: RequestHandle) -> None:
-        req, p = handle.request, handle.request.params
-        lay = layout.row_layout(req.setup)
-        r = _Running(handle, heapq.heappop(self._free), lay, sampling.make_generator(p.seed, self.device),
-                     sampling.Detokenizer(self.tokenizer, () if p.echo else req.prompt_ids))
-        self._running.append(r)
+    def _prefill_groups(self, admitted: list[RequestHandle]) -> list[list[RequestHandle]]:
+        """Admitted requests in prefill forwards of at most PREFILL_TOKENS padded tokens; a
+        request that echoes prompt logprobs needs logits at every position and goes alone."""
+        groups: list[list[RequestHandle]] = []
+        group: list[RequestHandle] = []
+        longest = 0
+        for h in admitted:
+            p = h.request.params
+            n = layout.row_layout(h.request.setup).virtual_tokens + len(h.request.prompt_ids)
+            if p.echo and p.logprobs is not None:
+                groups.append([h])
+                continue
+            if group and (len(group) + 1) * max(longest, n) > PREFILL_TOKENS:
+                groups.append(group)
+                group, longest = [], 0
+            group.append(h)
+            longest = max(longest, n)
+        return groups + ([group] if group else [])
+
+    def _prefill(self, handles: list[RequestHandle]) -> None:
+        """Write the requests' prefixes, run their prompts in one right-padded forward (rows may
+        differ in length and adapters) and emit each one's first token."""
+        rows: list[_Running] = []
+        tokens: list[list[int]] = []
+        for handle in handles:
+            req, p = handle.request, handle.request.params
+            lay = layout.row_layout(req.setup)
+            r = _Running(handle, heapq.heappop(self._free), lay, sampling.make_generator(p.seed, self.device),
+                         sampling.Detokenizer(self.tokenizer, () if p.echo else req.prompt_ids))
+            self._running.append(r)
+            try:
+                layout.write_prefixes(self.cache, r.slot, req.setup, self.info.num_layers)
+            except Exception as e:
+                self._fail(r, e)
+                continue
+            rows.append(r)
+            tokens.append([0] * lay.virtual_tokens + list(req.prompt_ids))
+        if not rows:
+            return
+        setups = [r.request.setup for r in rows]
+        lens = [len(t) for t in tokens]
+        all_logits = any(r.params.echo and r.params.logprobs is not None for r in rows)
         try:
-            layout.write_prefixes(self.cache, r.slot, req.setup, self.info.num_layers)
-            tokens = [0] * lay.virtual_tokens + list(req.prompt_ids)
-            echo_logprobs = p.echo and p.logprobs is not None
             batch = ForwardBatch.build(
-                [tokens], [lay.positions(0, len(tokens))], [r.slot], [lay.prefix_len], self.device,
-                adapters=build_adapter_batch([req.setup], [len(tokens)], [lay.virtual_tokens > 0], len(tokens), self.device),
-                all_logits=echo_logprobs,
-                prefix_hidden=self._prefix_hidden([req.setup]),
+                tokens, [r.layout.positions(0, n) for r, n in zip(rows, lens)], [r.slot for r in rows],
+                [r.layout.prefix_len for r in rows], self.device,
+                adapters=self._adapter_batch(setups, lens, [r.layout.virtual_tokens > 0 for r in rows], max(lens)),
+                all_logits=all_logits,
+                prefix_hidden=self._prefix_hidden(setups),
             )
-            logits = self.model(batch, self.cache)[0].float()  # [S or 1, V]
-            r.cached = len(tokens)
-            if p.echo:
-                self._emit_prompt(r, logits[lay.virtual_tokens :] if echo_logprobs else None)
-            if p.max_tokens == 0:
-                self._finish(r, "length")
-                return
-            self._accept(r, sampling.next_tokens(logits[-1:], [p], [r.generator])[0], logits[-1])
+            logits = self.model(batch, self.cache).float()  # [B, S, V] (all_logits) or [B, 1, V]
         except Exception as e:
-            self._fail(r, e)
+            for r in rows:
+                self._fail(r, e)
+            return
+        for b, (r, n) in enumerate(zip(rows, lens)):
+            p = r.params
+            try:
+                row = logits[b, :n] if all_logits else logits[b]  # [n or 1, V]
+                r.cached = n
+                if p.echo:
+                    self._emit_prompt(r, row[r.layout.virtual_tokens :] if p.logprobs is not None else None)
+                if p.max_tokens == 0:
+                    self._finish(r, "length")
+                    continue
+                self._accept(r, sampling.next_tokens(row[-1:], [p], [r.generator])[0], row[-1])
+            except Exception as e:
+                self._fail(r, e)
 
     def _decode(self) -> None:
         rows = sorted(self._running, key=lambda r: r.slot)  # contiguous slots -> a cache view
         setups = [r.request.setup for r in rows]
         B = len(rows)
+        # the same rows with the same setups as last step (and no merge/reset since): reuse its
+        # AdapterBatch, and with it the per-site LoRA stacks it memoizes
+        key = tuple((r.slot, tuple(id(a) for a in r.request.setup)) for r in rows)
+        memo = self._decode_adapters
+        if memo is None or memo[0] != key or memo[1] is not self._merge:
+            memo = self._decode_adapters = (key, self._merge, self._adapter_batch(setups, [1] * B, [False] * B, 1))
         batch = ForwardBatch.build(
             [[r.last] for r in rows],
             [r.layout.positions(r.cached, 1) for r in rows],
             [r.slot for r in rows],
             [r.layout.prefix_len + r.cached for r in rows],
             self.device,
-            adapters=build_adapter_batch(setups, [1] * B, [False] * B, 1, self.device),
+            adapters=memo[2],
             prefix_hidden=self._prefix_hidden(setups),
         )
         logits = self.model(batch, self.cache)[:, -1].float()  # [B, V]
@@ -353,6 +416,66 @@ class Engine:
                 self._accept(r, token, logits[b])
             except Exception as e:
                 self._fail(r, e)
+
+    def _adapter_batch(self, setups: Sequence[Setup], lens: list[int], prompt: list[bool], seq_len: int):
+        merged = self._merge.merged if self._merge is not None else None
+        return build_adapter_batch(setups, lens, prompt, seq_len, self.device, merged=merged)
+
+    # ------------------------------------------------------------------ merge / reset
+    @property
+    def merged_name(self) -> str | None:
+        return self._merge.merged.adapter.name if self._merge is not None else None
+
+    def merge(self, name: str, timeout: float | None = 60.0) -> str:
+        """Fold adapter `name`'s linear effects into the base weights, between two steps.
+        Raises AdapterConflict (409) if it cannot be merged or another adapter is merged."""
+        adapter = self.registry.get(name)
+
+        def do() -> str:
+            if self._merge is not None:
+                raise AdapterConflict(f"adapter {self.merged_name!r} is merged; reset it before merging {name!r}")
+            self._merge = merge_ops.merge(self.model, adapter)
+            log.info("merged adapter %r into the base weights", name)
+            return name
+
+        return self._between_steps(do, timeout)
+
+    def reset(self, timeout: float | None = 60.0) -> str | None:
+        """Restore the original base weights bit for bit (between two steps); returns the
+        name of the adapter that was merged, or None if none was."""
+
+        def do() -> str | None:
+            if self._merge is None:
+                return None
+            name = self.merged_name
+            merge_ops.reset(self.model, self._merge)
+            self._merge = None
+            log.info("reset: adapter %r unmerged, base weights restored", name)
+            return name
+
+        return self._between_steps(do, timeout)
+
+    def _between_steps(self, fn, timeout: float | None):
+        """Run `fn` on the worker thread between two steps (or here if no worker runs)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            with torch.inference_mode():
+                return fn()
+        future: Future = Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineUnavailable("the server is shutting down")
+            self._commands.append((fn, future))
+            self._cond.notify_all()
+        return future.result(timeout)
+
+    def _run_commands(self) -> None:
+        with self._cond:
+            commands, self._commands = list(self._commands), deque()
+        for fn, future in commands:
+            try:
+                future.set_result(fn())
+            except Exception as e:
+                future.set_exception(e)
 
     def _prefix_hidden(self, setups: Sequence[Setup]) -> dict:
         if not any(a.prefix is not None for s in setups for a in s):
@@ -437,6 +560,9 @@ class Engine:
     def _fail_all(self, error: AdapterRuntimeError) -> None:
         with self._cond:
             waiting, self._waiting = list(self._waiting), deque()
+            commands, self._commands = list(self._commands), deque()
+        for _, future in commands:
+            future.set_exception(error)
         for h in waiting:
             h._push(Event(error=error))
         for r in list(self._running):

@@ -39,3 +39,15 @@ class EngineUnavailable(AdapterRuntimeError):
 
 class ModelLoadError(AdapterRuntimeError):
     """The base model checkpoint cannot be loaded."""
+
+
+class PayloadTooLarge(AdapterRuntimeError):
+    """An upload (or one file of it) is over the configured size limit (413)."""
+
+
+class Unauthorized(AdapterRuntimeError):
+    """No API key, or a wrong one (401)."""
+
+
+class Forbidden(AdapterRuntimeError):
+    """A valid key without the right to do this, or a disabled operation (403)."""

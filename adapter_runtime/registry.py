@@ -1,12 +1,29 @@
-"""Named adapters, already on the model's device and dtype, and how a request names them.
+"""Named adapters in three tiers, and how a request names them.
 
-For now an in-memory map; the on-disk store and host/device caches come later behind the
-same small interface (`register`, `get`, `resolve`, `names`).
+    disk    every adapter of the store (`store.py`); only its metadata is in memory
+    host    fp32 CPU `Adapter`s, LRU, bounded by `host_cache_bytes`
+    device  `Adapter`s on the model's device and dtype, LRU, bounded by `device_cache_adapters`
+            and `device_cache_bytes`
+
+A request `acquire`s its adapters on the request thread (loading from disk or host happens
+there, never on the engine worker) and each acquired adapter is *pinned* until the engine
+`release`s it when the request finishes, fails or is cancelled. Pinned adapters are never
+evicted. When every device entry is pinned and another adapter is needed, the device tier
+overflows its limits for a while instead of blocking (no deadlock); the extra entries go as
+soon as their requests finish.
+
+Adapters given as objects (`register`, e.g. `--adapter NAME=DIR` at startup) have no store
+copy: they stay on the device for good and do not count against the budgets.
+
+DELETE removes the name at once (new requests get 404). Requests already holding the adapter
+keep their reference to its tensors and finish normally; the memory is freed after them.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -14,57 +31,256 @@ import torch
 from .adapters import Adapter
 from .batch import Setup
 from .errors import AdapterConflict, AdapterNotFound, InvalidRequest
+from .store import AdapterStore, StoredAdapter, check_name
+
+
+@dataclass(frozen=True)
+class CacheLimits:
+    device_adapters: int = 16
+    device_bytes: int | None = None  # None = no byte limit, only the count
+    host_bytes: int | None = 1 << 30
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """One adapter as `GET /v1/adapters` shows it."""
+
+    name: str
+    format: str
+    method: str
+    parameters: int
+    bytes: int
+    location: str  # "disk" | "host" | "device"
+    pinned: bool
+    requests_served: int
+    created: int
+
+
+class _Lru:
+    """An LRU map name -> Adapter with a byte total; eviction skips pinned names."""
+
+    def __init__(self):
+        self.items: OrderedDict[str, Adapter] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, name: str) -> Adapter | None:
+        if name in self.items:
+            self.items.move_to_end(name)
+            return self.items[name]
+        return None
+
+    def put(self, name: str, adapter: Adapter) -> Adapter:
+        if name in self.items:
+            return self.get(name)
+        self.items[name] = adapter
+        self.bytes += adapter.nbytes
+        return adapter
+
+    def pop(self, name: str) -> None:
+        adapter = self.items.pop(name, None)
+        if adapter is not None:
+            self.bytes -= adapter.nbytes
+
+    def evict(self, over, pinned: Counter) -> None:
+        """Drop least recently used unpinned entries while `over(self)` holds."""
+        for name in list(self.items):
+            if not over(self):
+                return
+            if not pinned[name]:
+                self.pop(name)
 
 
 class AdapterRegistry:
-    def __init__(self, base_name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, base_name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 store: AdapterStore | None = None, limits: CacheLimits = CacheLimits()):
         self.base_name = base_name  # the name under which requests get the bare base model
         self.device = torch.device(device)
         self.dtype = dtype
-        self._adapters: dict[str, Adapter] = {}
         self._lock = threading.Lock()
+        self._static: dict[str, Adapter] = {}  # registered objects, on the device for good
+        self._stored: dict[str, StoredAdapter] = {}  # everything in the store
+        self._writing: set[str] = set()  # names being uploaded right now
+        self._host, self._device = _Lru(), _Lru()
+        self._pins: Counter[str] = Counter()
+        self._served: Counter[str] = Counter()
+        self.store: AdapterStore | None = None
+        self.limits = limits
+        if store is not None:
+            self.attach(store, limits)
 
+    def attach(self, store: AdapterStore, limits: CacheLimits) -> None:
+        """Serve every adapter of `store` (read at once), with these cache limits."""
+        stored = {m.name: m for m in store.scan() if m.name != self.base_name}
+        with self._lock:
+            self.store, self.limits = store, limits
+            self._stored.update(stored)
+
+    # ------------------------------------------------------------------ adding and removing
     def register(self, name: str, adapter: Adapter) -> Adapter:
-        """Move `adapter` to the model's device/dtype and store it under `name`."""
-        if name == self.base_name:
-            raise AdapterConflict(f"adapter name {name!r} is the base model's name")
+        """Move `adapter` to the model's device/dtype and keep it under `name` (not stored)."""
         moved = adapter.to(self.device, self.dtype)
         with self._lock:
-            if name in self._adapters:
-                raise AdapterConflict(f"an adapter named {name!r} is already registered")
-            self._adapters[name] = moved
+            self._check_free(name)
+            self._static[name] = moved
         return moved
 
-    def get(self, name: str) -> Adapter:
-        try:
-            return self._adapters[name]
-        except KeyError:
-            raise AdapterNotFound(f"model or adapter {name!r} not found; available: {', '.join(self.models())}") from None
+    def _check_free(self, name: str) -> None:  # holding the lock
+        if name == self.base_name:
+            raise AdapterConflict(f"adapter name {name!r} is the base model's name")
+        if name in self._static or name in self._stored or name in self._writing:
+            raise AdapterConflict(f"an adapter named {name!r} is already registered")
 
+    def add(self, name: str, directory, format: str | None = None) -> AdapterStatus:
+        """Validate the adapter directory against the base model and store it as `name`."""
+        if self.store is None:
+            raise InvalidRequest("this server has no adapter store")
+        check_name(name)
+        with self._lock:
+            self._check_free(name)
+            self._writing.add(name)
+        try:
+            meta, adapter = self.store.add(name, directory, format)
+            with self._lock:
+                self._stored[name] = meta
+                self._host.put(name, adapter)
+                self._evict()
+        finally:
+            with self._lock:
+                self._writing.discard(name)
+        return self.status(name)
+
+    def delete(self, name: str) -> None:
+        """Forget `name` now; requests that hold it finish with their own reference."""
+        with self._lock:
+            if name in self._static:
+                del self._static[name]
+                stored = None
+            elif name in self._stored:
+                stored = self._stored.pop(name)
+            else:
+                raise self._not_found(name)
+            self._host.pop(name)
+            self._device.pop(name)
+            self._pins.pop(name, None)
+            self._served.pop(name, None)
+        if stored is not None:
+            self.store.delete(name)
+
+    # ------------------------------------------------------------------ lookups
     def names(self) -> list[str]:
-        return sorted(self._adapters)
+        with self._lock:
+            return sorted([*self._static, *self._stored])
 
     def models(self) -> list[str]:
         """Everything a request may put in `model`: the base model, then the adapters."""
         return [self.base_name, *self.names()]
 
-    def resolve(self, model: str, stack: Sequence[str] | None = None) -> Setup:
+    def _not_found(self, name: str) -> AdapterNotFound:  # holding the lock
+        names = [self.base_name, *sorted([*self._static, *self._stored])]
+        shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
+        return AdapterNotFound(f"model or adapter {name!r} not found; available: {shown}")
+
+    def get(self, name: str, pin: bool = False) -> Adapter:
+        """The adapter on the model's device, loaded from host or disk if needed."""
+        with self._lock:
+            found = self._static.get(name) or self._device.get(name)
+            meta = self._stored.get(name)
+            if found is None and meta is None:
+                raise self._not_found(name)
+            if found is not None:
+                self._pins.update([name] * pin)
+                return found
+            host = self._host.get(name)
+        if host is None:
+            host = self.store.load(meta)  # disk -> CPU fp32, outside the lock
+        on_device = host.to(self.device, self.dtype)
+        with self._lock:
+            if self._stored.get(name) is not meta:  # deleted (or replaced) while loading
+                raise self._not_found(name)
+            self._host.put(name, host)
+            found = self._device.put(name, on_device)
+            self._pins.update([name] * pin)
+            self._evict()
+            return found
+
+    def _evict(self) -> None:  # holding the lock
+        lim = self.limits
+        self._device.evict(lambda c: len(c.items) > lim.device_adapters
+                           or (lim.device_bytes is not None and c.bytes > lim.device_bytes), self._pins)
+        if lim.host_bytes is not None:
+            self._host.evict(lambda c: c.bytes > lim.host_bytes, self._pins)
+
+    # ------------------------------------------------------------------ requests
+    def resolve(self, model: str, stack: Sequence[str] | None = None, pin: bool = False) -> Setup:
         """The adapter setup of a request.
 
         model       the base model's name (no adapter) or one adapter's name
         stack       optional explicit stack of adapter names, applied in order; `model` must
                     then be the base model or one of the stack's names
+        pin         pin every adapter of the setup (the caller must `release` it)
         """
         if stack is None:
-            return () if model == self.base_name else (self.get(model),)
-        if model != self.base_name and model not in stack:
-            self.get(model)  # 404 for an unknown name, else the mismatch below
-            raise InvalidRequest(f"model {model!r} must be the base model {self.base_name!r} or one of adapters {list(stack)}")
-        if len(set(stack)) != len(stack):
-            raise InvalidRequest(f"adapters must not repeat a name: {list(stack)}")
-        setup = tuple(self.get(name) for name in stack)
-        if len(setup) > 1:
-            from .formats.adapterhub import validate_stack
+            names = [] if model == self.base_name else [model]
+        else:
+            if model != self.base_name and model not in stack:
+                self.get(model)  # 404 for an unknown name, else the mismatch below
+                raise InvalidRequest(f"model {model!r} must be the base model {self.base_name!r} or one of adapters {list(stack)}")
+            if len(set(stack)) != len(stack):
+                raise InvalidRequest(f"adapters must not repeat a name: {list(stack)}")
+            names = list(stack)
+        setup: list[Adapter] = []
+        try:
+            for name in names:
+                setup.append(self.get(name, pin=pin))
+            if len(setup) > 1:
+                from .formats.adapterhub import validate_stack
 
-            validate_stack(setup)  # only combinations whose Stack semantics we implement
-        return setup
+                validate_stack(setup)  # only combinations whose Stack semantics we implement
+        except BaseException:
+            if pin:
+                self.release(setup, served=False)
+            raise
+        return tuple(setup)
+
+    def acquire(self, model: str, stack: Sequence[str] | None = None) -> Setup:
+        """`resolve` with every adapter pinned until `release`."""
+        return self.resolve(model, stack, pin=True)
+
+    def release(self, setup: Setup, served: bool = True) -> None:
+        with self._lock:
+            for adapter in setup:
+                name = adapter.name
+                if self._pins[name] > 0:
+                    self._pins[name] -= 1
+                if not self._pins[name]:
+                    self._pins.pop(name, None)
+                if served and (name in self._stored or name in self._static):
+                    self._served[name] += 1
+            self._evict()
+
+    # ------------------------------------------------------------------ status
+    def status(self, name: str) -> AdapterStatus:
+        with self._lock:
+            return self._status(name)
+
+    def statuses(self) -> list[AdapterStatus]:
+        with self._lock:
+            return [self._status(n) for n in sorted([*self._static, *self._stored])]
+
+    def _status(self, name: str) -> AdapterStatus:  # holding the lock
+        if name in self._static:
+            a = self._static[name]
+            return AdapterStatus(name, a.format, a.method, a.num_parameters, a.nbytes, "device", True,
+                                 self._served[name], 0)
+        meta = self._stored.get(name)
+        if meta is None:
+            raise self._not_found(name)
+        location = "device" if name in self._device.items else "host" if name in self._host.items else "disk"
+        return AdapterStatus(name, meta.format, meta.method, meta.parameters, meta.bytes, location,
+                             self._pins[name] > 0, self._served[name], meta.created)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"adapters": len(self._static) + len(self._stored), "device_adapters": len(self._device.items),
+                    "device_bytes": self._device.bytes, "host_adapters": len(self._host.items),
+                    "host_bytes": self._host.bytes, "pinned": sum(n > 0 for n in self._pins.values())}

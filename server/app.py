@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from . import errors, routes
+from . import errors, routes, routes_adapters, routes_merge
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,19 @@ def build_engine(settings: Settings):
     from adapter_runtime.engine import EngineConfig, build_engine
 
     config = EngineConfig(max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, max_queue=settings.max_queue)
-    return build_engine(settings.model, settings.dtype, settings.device, config, settings.adapters)
+    engine = build_engine(settings.model, settings.dtype, settings.device, config, settings.adapters)
+    attach_store(engine, settings)
+    return engine
+
+
+def attach_store(engine, settings: Settings) -> None:
+    """Serve the adapter store at `settings.store_dir` with the configured cache limits."""
+    from adapter_runtime.registry import CacheLimits
+    from adapter_runtime.store import AdapterStore, StoreLimits
+
+    store = AdapterStore(settings.store_dir, engine.info, StoreLimits(settings.max_lora_rank, settings.max_prefix_len))
+    limits = CacheLimits(settings.device_cache_adapters, settings.device_cache_bytes, settings.host_cache_bytes)
+    engine.registry.attach(store, limits)
 
 
 def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
@@ -38,6 +50,9 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
             eng.stop()
 
     app = FastAPI(title="adapter-server", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
     errors.install(app)
     app.include_router(routes.router)
+    app.include_router(routes_adapters.router)
+    app.include_router(routes_merge.router)
     return app

@@ -24,6 +24,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, dest="max_queue")
     s.add_argument("--adapter", action="append", type=parse_adapter_spec, dest="adapters", metavar="NAME=DIR",
                    help="load an adapter directory at startup (repeatable)")
+    s.add_argument("--api-key", dest="api_key", help="inference key (Authorization: Bearer KEY)")
+    s.add_argument("--admin-key", dest="admin_key", help="admin key: uploads, deletes, merges")
+    s.add_argument("--store-dir", dest="store_dir", help="where uploaded adapters are kept (default ./data/adapters)")
+    s.add_argument("--adapter-root", dest="adapter_root", help="server-side folders below this may be registered")
+    for flag in ("max-upload-bytes", "device-cache-adapters", "device-cache-bytes", "host-cache-bytes",
+                 "max-lora-rank", "max-prefix-len"):
+        s.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -37,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import uvicorn
+
+    from .auth import bind_host
+
+    settings = bind_host(settings)
 
     from .app import create_app
 

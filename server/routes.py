@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import AsyncIterator, Sequence
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from adapter_runtime.engine import Completion, Engine, Event, RequestHandle, TokenLogprob
@@ -16,7 +16,7 @@ from adapter_runtime.engine import Request as EngineRequest
 from adapter_runtime.errors import EngineUnavailable, InvalidRequest
 from adapter_runtime.sampling import SamplingParams
 
-from . import errors
+from . import auth, errors
 from .schemas import (CompletionChoice, CompletionRequest, CompletionResponse, Logprobs, ModelCard, ModelList,
                       Prompt, Usage)
 
@@ -35,10 +35,10 @@ def get_engine(request: Request) -> Engine:
 @router.get("/health")
 async def health(request: Request) -> dict:
     engine = get_engine(request)
-    return {"status": "ok", "model": engine.model_name, **engine.stats()}
+    return {"status": "ok", "model": engine.model_name, **engine.stats(), "adapters": engine.registry.stats()}
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth.inference)])
 async def list_models(request: Request) -> ModelList:
     engine = get_engine(request)
     created = request.app.state.created
@@ -48,17 +48,22 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=cards)
 
 
-@router.post("/v1/completions", response_model=CompletionResponse)
+@router.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(auth.inference)])
 async def completions(body: CompletionRequest, request: Request):
     engine = get_engine(request)
     check_supported(body)
-    setup = engine.registry.resolve(body.model, body.adapters)
     prompts = prompt_token_ids(engine, body.prompt)
     params = sampling_params(body)
     handles: list[RequestHandle] = []
     try:
-        for ids in prompts:
-            handles.append(engine.submit(EngineRequest(tuple(ids), params, setup)))
+        for ids in prompts:  # each request pins its adapters until it ends (see registry.py)
+            setup = await asyncio.to_thread(engine.registry.acquire, body.model, body.adapters)
+            try:
+                handles.append(engine.submit(EngineRequest(tuple(ids), params, setup),
+                                             on_done=lambda s=setup: engine.registry.release(s)))
+            except BaseException:
+                engine.registry.release(setup, served=False)
+                raise
     except BaseException:
         cancel(handles)
         raise

@@ -21,6 +21,16 @@ class Settings:
     max_queue: int = 256
     adapters: tuple[tuple[str, str], ...] = ()  # (name, directory) loaded at startup
     log_level: str = "info"
+    api_key: str | None = None  # inference key (completions, models, GET adapters)
+    admin_key: str | None = None  # admin key (uploads, deletes, merges); no keys at all = localhost only
+    store_dir: str = "./data/adapters"  # uploaded adapters, normalized; created at start
+    adapter_root: str | None = None  # server-side folders below this may be registered; None = never
+    max_upload_bytes: int = 1 << 30
+    device_cache_adapters: int = 16
+    device_cache_bytes: int | None = None
+    host_cache_bytes: int | None = 4 << 30
+    max_lora_rank: int = 256
+    max_prefix_len: int = 512
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -44,7 +54,8 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
 
 
 def parse_field(name: str, raw: str):
-    if name in ("port", "max_batch", "max_seq_len", "max_queue"):
+    if name in ("port", "max_batch", "max_seq_len", "max_queue", "max_upload_bytes", "device_cache_adapters",
+                "device_cache_bytes", "host_cache_bytes", "max_lora_rank", "max_prefix_len"):
         return int(raw)
     if name == "adapters":
         return tuple(parse_adapter_spec(s) for s in raw.split(",") if s.strip())

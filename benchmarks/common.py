@@ -1,0 +1,160 @@
+"""Shared pieces: the ~40M random Llama (ours and transformers' from the same weights),
+an engine that times its decode steps, a header line and a small table printer."""
+
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import dataclass
+
+import torch
+
+from adapter_runtime.engine import Engine, EngineConfig, Request
+from adapter_runtime.models import LoadedModel, build_model
+from adapter_runtime.sampling import SamplingParams
+
+SEED = 0
+VOCAB = 32000
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def header() -> str:
+    d = device()
+    name = torch.cuda.get_device_name(0) if d.type == "cuda" else platform.processor() or platform.machine()
+    return (f"# torch {torch.__version__} | threads {torch.get_num_threads()} | device {d.type} ({name}) | "
+            f"fp32 | model: random Llama 40M (h512, 8 layers, 8 heads / 4 kv, ffn 1376, vocab {VOCAB}, tied)")
+
+
+def llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def hf_base():
+    """The transformers model, seeded; every call returns the same weights (a fresh copy)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(SEED)
+    config = llama_config()
+    model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", torch_dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # ignore_eos: always run to max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model.to(device()).eval().requires_grad_(False)
+
+
+def ours_from(hf) -> LoadedModel:
+    """Our model from the transformers model's weights (no checkpoint round trip needed)."""
+    from adapter_runtime.tokenizer import build_byte_tokenizer
+
+    state = {k: v.detach().clone().cpu() for k, v in hf.state_dict().items()}
+    model = build_model(copy.deepcopy(hf.config), state, torch.float32, device())
+    return LoadedModel(model, build_byte_tokenizer(), model.info, "bench-llama", (2,))
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class TimedEngine(Engine):
+    """The engine, plus the time spent in (and tokens produced by) batched decode steps."""
+
+    def reset_timers(self) -> None:
+        self.decode_s, self.decode_tokens, self.decode_steps = 0.0, 0, 0
+
+    def _decode(self) -> None:
+        t = time.perf_counter()
+        n = len(self._running)
+        super()._decode()
+        if device().type == "cuda":
+            torch.cuda.synchronize()
+        self.decode_s += time.perf_counter() - t
+        self.decode_tokens += n
+        self.decode_steps += 1
+
+
+def make_engine(loaded: LoadedModel, max_batch: int = 32, max_seq_len: int = 320) -> TimedEngine:
+    engine = TimedEngine(loaded, config=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, max_queue=1024))
+    engine.reset_timers()
+    return engine.start()
+
+
+def prompts(n: int, length: int | list[int], seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [length] * n if isinstance(length, int) else length
+    return [torch.randint(3, VOCAB, (L,), generator=g).tolist() for L in lengths]
+
+
+def params(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+@dataclass
+class EngineRun:
+    wall_s: float
+    tokens: int
+    decode_s: float
+    decode_tokens: int
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s else float("nan")
+
+
+def run_engine(engine: TimedEngine, batch: list[list[int]], max_tokens: int, setups=None) -> EngineRun:
+    """Submit all requests at once, wait for all; generated tokens over wall time."""
+    setups = setups or [()] * len(batch)
+    engine.reset_timers()
+    t = time.perf_counter()
+    handles = [engine.submit(Request(tuple(p), params(max_tokens), s)) for p, s in zip(batch, setups)]
+    results = [h.result(timeout=600) for h in handles]
+    wall = time.perf_counter() - t
+    tokens = sum(r.completion_tokens for r in results)
+    assert tokens == max_tokens * len(batch), "every request must run to max_tokens"
+    return EngineRun(wall, tokens, engine.decode_s, engine.decode_tokens)
+
+
+def hf_generate(model, batch: list[list[int]], max_tokens: int, **kwargs) -> tuple[float, int]:
+    """transformers greedy `generate` on a left-padded batch -> (wall seconds, new tokens)."""
+    L = max(len(p) for p in batch)
+    ids = torch.zeros(len(batch), L, dtype=torch.long)
+    mask = torch.zeros(len(batch), L, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    ids, mask = ids.to(device()), mask.to(device())
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=0, **kwargs)
+    if device().type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    new = out.shape[1] - L
+    assert new == max_tokens
+    return wall, new * len(batch)
+
+
+def best(runs, key):
+    return max(runs, key=key)
+
+
+def table(title: str, columns: list[str], rows: list[list]) -> str:
+    cells = [[c if isinstance(c, str) else f"{c:,.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(columns[i]), *(len(r[i]) for r in cells)) for i in range(len(columns))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    out = [f"\n## {title}", line(columns), line(["-" * w for w in widths])]
+    out += [line(r) for r in cells]
+    return "\n".join(out)

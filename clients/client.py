@@ -1,0 +1,549 @@
+"""Typed Python client for adapter-server, sync (`AdapterServerClient`) and async
+(`AsyncAdapterServerClient`), on httpx.
+
+Both clients share everything except the transport: each endpoint is described once as a
+`Call` (method, path, body) plus a parser from JSON to a dataclass. Server errors, which are
+OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`), become `AdapterServerError`
+subclasses chosen by HTTP status and carrying the server's message.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import zipfile
+from urllib.parse import quote
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+URL_ENV = "ADAPTER_SERVER_URL"
+API_KEY_ENV = "ADAPTER_SERVER_API_KEY"
+DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
+UPLOAD_CHUNK = 256 * 1024
+ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
+
+Progress = Callable[[int, int], None]  # (bytes sent, total bytes)
+
+
+# ---------------------------------------------------------------------------- errors
+class AdapterServerError(Exception):
+    """Any failed call. `status` is the HTTP status (0 when no response came back)."""
+
+    def __init__(self, status: int, message: str, type: str | None = None, code: str | int | None = None,
+                 param: str | None = None):
+        super().__init__(f"{status}: {message}" if status else message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+
+
+class BadRequest(AdapterServerError):
+    """400 / 422: the server rejected the request or the adapter files."""
+
+
+class AuthError(AdapterServerError):
+    """401 / 403: missing or wrong API key."""
+
+
+class NotFound(AdapterServerError):
+    """404: no such adapter (or model)."""
+
+
+class Conflict(AdapterServerError):
+    """409: the name is taken, or the adapter cannot be merged in its state."""
+
+
+class RateLimited(AdapterServerError):
+    """429: the server's queue is full; retry later."""
+
+
+class ServerError(AdapterServerError):
+    """5xx: the server failed."""
+
+
+class ConnectionFailed(AdapterServerError):
+    """No HTTP response: the server is unreachable or the connection broke."""
+
+
+ERROR_BY_STATUS: dict[int, type[AdapterServerError]] = {
+    400: BadRequest, 422: BadRequest, 401: AuthError, 403: AuthError, 404: NotFound, 409: Conflict, 429: RateLimited,
+}
+
+# error bodies inside a stream carry no status; their OpenAI type tells the class
+STATUS_BY_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "rate_limit_error": 429}
+
+
+def error_from(status: int, body: Any) -> AdapterServerError:
+    """The exception for an error response (status, decoded JSON body or raw text)."""
+    err = body.get("error") if isinstance(body, dict) else None
+    if isinstance(err, dict):
+        message, kind, code, param = str(err.get("message", "")), err.get("type"), err.get("code"), err.get("param")
+    else:
+        message, kind, code, param = (str(body) if body else f"HTTP {status}"), None, None, None
+    cls = ERROR_BY_STATUS.get(status, ServerError if status >= 500 else AdapterServerError)
+    return cls(status, message, kind, code, param)
+
+
+def check(response: httpx.Response) -> httpx.Response:
+    if response.is_success:
+        return response
+    try:
+        body: Any = response.json()
+    except ValueError:
+        body = response.text
+    raise error_from(response.status_code, body)
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Logprobs:
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    text: str
+    finish_reason: str | None = None  # "stop" | "length" | None (a stream chunk before the end)
+    logprobs: Logprobs | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole completion, or one stream chunk (then `choices` holds the new text only)."""
+
+    id: str
+    model: str
+    created: int
+    choices: list[Choice]
+    usage: Usage | None = None
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (the usual single-prompt case)."""
+        return self.choices[0].text if self.choices else ""
+
+
+@dataclass(frozen=True)
+class Model:
+    id: str
+    created: int
+    owned_by: str
+    parent: str | None = None  # adapters: the base model they run on
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    id: str
+    format: str
+    method: str
+    parameters: int
+    bytes: int
+    location: str | None = None
+    pinned: bool = False
+    merged: bool = False
+    requests_served: int = 0
+    created: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)  # fields this client does not know yet
+
+
+@dataclass(frozen=True)
+class Deleted:
+    id: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class MergeState:
+    merged: str | None  # the adapter folded into the base weights, or None
+
+
+@dataclass(frozen=True)
+class Health:
+    status: str
+    model: str
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def build(cls, data: dict) -> Any:
+    """A dataclass from a JSON object, ignoring keys it does not declare (or keeping them in `extra`)."""
+    names = {f.name for f in fields(cls)}
+    known = {k: v for k, v in data.items() if k in names and k != "extra"}
+    if "extra" in names:
+        known["extra"] = {k: v for k, v in data.items() if k not in names and k != "object"}
+    return cls(**known)
+
+
+def parse_choice(data: dict) -> Choice:
+    lp = data.get("logprobs")
+    return Choice(index=data.get("index", 0), text=data.get("text", ""), finish_reason=data.get("finish_reason"),
+                  logprobs=build(Logprobs, lp) if lp else None)
+
+
+def parse_completion(data: dict) -> Completion:
+    usage = data.get("usage")
+    return Completion(id=data.get("id", ""), model=data.get("model", ""), created=data.get("created", 0),
+                      choices=[parse_choice(c) for c in data.get("choices", [])],
+                      usage=build(Usage, usage) if usage else None)
+
+
+def parse_models(data: dict) -> list[Model]:
+    return [build(Model, m) for m in data["data"]]
+
+
+def parse_adapter(data: dict) -> AdapterInfo:
+    return build(AdapterInfo, data)
+
+
+def parse_adapters(data: dict) -> list[AdapterInfo]:
+    return [parse_adapter(a) for a in data["data"]]
+
+
+def parse_health(data: dict) -> Health:
+    return Health(status=data.get("status", ""), model=data.get("model", ""),
+                  stats={k: v for k, v in data.items() if k not in ("status", "model")})
+
+
+def parse_sse_line(line: str) -> Completion | None:
+    """One line of a completion stream: a chunk, None (blank, comment, [DONE]), or an error raised."""
+    if not line.startswith("data:"):
+        return None
+    payload = line[len("data:"):].strip()
+    if payload == "[DONE]" or not payload:
+        return None
+    data = json.loads(payload)
+    if "error" in data:
+        raise error_from(STATUS_BY_TYPE.get(data["error"].get("type"), 500), data)
+    return parse_completion(data)
+
+
+# ---------------------------------------------------------------------------- request bodies
+def completion_body(prompt: str | Sequence[int] | Sequence[str], model: str, adapters: Sequence[str] | None,
+                    stream: bool, params: dict[str, Any]) -> dict[str, Any]:
+    body = {"model": model, "prompt": prompt if isinstance(prompt, str) else list(prompt), "stream": stream}
+    if adapters:
+        body["adapters"] = list(adapters)
+    body.update({k: v for k, v in params.items() if v is not None})
+    return body
+
+
+def adapter_files(directory: Path) -> list[tuple[str, Path]]:
+    """(path relative to the adapter directory, file) for every file under it, sorted."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    if not files:
+        raise ValueError(f"no files in adapter directory {directory}")
+    return [(p.relative_to(directory).as_posix(), p) for p in files]
+
+
+def upload_request(client: httpx.Client | httpx.AsyncClient, name: str, path: str | os.PathLike,
+                   format: str | None) -> httpx.Request:
+    """The multipart upload of an adapter directory (one `files` part per file, named by its
+    relative path) or of one .zip/.tar.gz archive (an `archive` part)."""
+    path = Path(path)
+    data = {"name": name, **({"format": format} if format else {})}
+    if path.is_dir():
+        parts = [("files", (rel, p.read_bytes(), "application/octet-stream")) for rel, p in adapter_files(path)]
+    elif path.is_file() and path.name.endswith(ARCHIVE_SUFFIXES):
+        parts = [("archive", (path.name, path.read_bytes(), "application/octet-stream"))]
+    else:
+        raise ValueError(f"{path} is neither an adapter directory nor a .zip/.tar.gz archive")
+    request = client.build_request("POST", "/v1/adapters", data=data, files=parts)
+    request.read()  # the multipart body, in memory, so that progress can be counted
+    return request
+
+
+def adapter_path(name: str, suffix: str = "") -> str:
+    return f"/v1/adapters/{quote(name, safe='')}{suffix}"
+
+
+def chunks(body: bytes, progress: Progress | None) -> Iterator[bytes]:
+    total = len(body)
+    for start in range(0, total, UPLOAD_CHUNK):
+        piece = body[start:start + UPLOAD_CHUNK]
+        yield piece
+        if progress:
+            progress(start + len(piece), total)
+
+
+async def achunks(body: bytes, progress: Progress | None) -> AsyncIterator[bytes]:
+    for piece in chunks(body, progress):
+        yield piece
+
+
+def with_progress(client: httpx.Client | httpx.AsyncClient, request: httpx.Request,
+                  progress: Progress | None, asynchronous: bool) -> httpx.Request:
+    """The same request, its body sent in chunks that report progress (Content-Length kept)."""
+    body = request.content
+    headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "content-length")}
+    content = achunks(body, progress) if asynchronous else chunks(body, progress)
+    return client.build_request(request.method, request.url, headers=headers, content=content)
+
+
+def pack_directory(directory: str | os.PathLike, archive: str | os.PathLike) -> Path:
+    """Write an adapter directory as a .zip or .tar.gz (by the archive's suffix) for `upload_adapter`."""
+    directory, archive = Path(directory), Path(archive)
+    files = adapter_files(directory)
+    if archive.name.endswith(".zip"):
+        with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
+            for rel, p in files:
+                z.write(p, rel)
+    else:
+        with tarfile.open(archive, "w:gz") as t:
+            for rel, p in files:
+                t.add(p, rel)
+    return archive
+
+
+def unpack_zip(content: bytes, dest: str | os.PathLike) -> Path:
+    """Extract a downloaded adapter zip into `dest`, refusing paths that leave it."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    with zipfile.ZipFile(io.BytesIO(content)) as z:
+        for member in z.namelist():
+            if not (root / member).resolve().is_relative_to(root):
+                raise ValueError(f"refusing to extract {member!r} outside {dest}")
+        z.extractall(dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------- the clients
+def client_options(base_url: str | None, api_key: str | None, timeout: float | httpx.Timeout | None) -> dict:
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    return {"base_url": url, "headers": headers, "timeout": DEFAULT_TIMEOUT if timeout is None else timeout}
+
+
+def base_model(models: Iterable[Model]) -> str:
+    for m in models:
+        if m.parent is None:
+            return m.id
+    raise ServerError(500, "the server lists no base model")
+
+
+class AdapterServerClient:
+    """Blocking client. `base_url` defaults to $ADAPTER_SERVER_URL, then http://127.0.0.1:8000;
+    `api_key` to $ADAPTER_SERVER_API_KEY. Use as a context manager, or call `close()`."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float | httpx.Timeout | None = None, transport: httpx.BaseTransport | None = None):
+        self.http = httpx.Client(**client_options(base_url, api_key, timeout), transport=transport)
+        self._base: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return str(self.http.base_url).rstrip("/")
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> "AdapterServerClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        try:
+            response = self.http.send(request, stream=stream)
+        except httpx.TransportError as e:
+            raise ConnectionFailed(0, f"cannot reach {self.base_url}: {e}", "connection_error") from e
+        if stream and not response.is_success:
+            response.read()
+            response.close()
+        return check(response)
+
+    def _json(self, method: str, path: str, body: dict | None = None) -> Any:
+        return self._send(self.http.build_request(method, path, json=body)).json()
+
+    # -- server
+    def health(self) -> Health:
+        return parse_health(self._json("GET", "/health"))
+
+    def models(self) -> list[Model]:
+        return parse_models(self._json("GET", "/v1/models"))
+
+    def base_model(self) -> str:
+        """The base model's name (asked once, then remembered)."""
+        if self._base is None:
+            self._base = base_model(self.models())
+        return self._base
+
+    # -- completions
+    def complete(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
+                 adapters: Sequence[str] | None = None, **params: Any) -> Completion:
+        """One completion. `model` is the base model or an adapter name (default: the base);
+        `adapters` a stack applied in order; `params` any OpenAI completion field
+        (max_tokens, temperature, top_p, top_k, seed, stop, logprobs, echo, ...)."""
+        body = completion_body(prompt, model or self.base_model(), adapters, False, params)
+        return parse_completion(self._json("POST", "/v1/completions", body))
+
+    def stream(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
+               adapters: Sequence[str] | None = None, **params: Any) -> Iterator[Completion]:
+        """The completion as chunks, as the server produces them (server-sent events)."""
+        body = completion_body(prompt, model or self.base_model(), adapters, True, params)
+        response = self._send(self.http.build_request("POST", "/v1/completions", json=body), stream=True)
+        try:
+            for line in response.iter_lines():
+                chunk = parse_sse_line(line)
+                if chunk is not None:
+                    yield chunk
+        except httpx.TransportError as e:
+            raise ConnectionFailed(0, f"stream from {self.base_url} broke: {e}", "connection_error") from e
+        finally:
+            response.close()
+
+    # -- adapters
+    def upload_adapter(self, name: str, path: str | os.PathLike, format: str | None = None,
+                       progress: Progress | None = None) -> AdapterInfo:
+        """Upload an adapter directory as saved by AdapterHub `save_adapter` or PEFT
+        `save_pretrained` (or a .zip/.tar.gz of one). `format` is "adapterhub" | "peft" | None
+        (detected); `progress(sent, total)` is called as the body goes out."""
+        request = with_progress(self.http, upload_request(self.http, name, path, format), progress, False)
+        return parse_adapter(self._send(request).json())
+
+    def register_adapter(self, name: str, path: str, format: str | None = None) -> AdapterInfo:
+        """Add an adapter from a directory on the *server's* file system."""
+        body = {"name": name, "path": path, **({"format": format} if format else {})}
+        return parse_adapter(self._json("POST", "/v1/adapters/register", body))
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return parse_adapters(self._json("GET", "/v1/adapters"))
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        return parse_adapter(self._json("GET", adapter_path(name)))
+
+    def download_adapter(self, name: str, dest: str | os.PathLike) -> Path:
+        """The adapter's files, extracted into directory `dest`."""
+        response = self._send(self.http.build_request("GET", adapter_path(name, "/files")))
+        return unpack_zip(response.content, dest)
+
+    def delete_adapter(self, name: str) -> Deleted:
+        return build(Deleted, self._json("DELETE", adapter_path(name)))
+
+    # -- merge
+    def merged(self) -> MergeState:
+        return build(MergeState, self._json("GET", "/v1/merge"))
+
+    def merge(self, adapter: str) -> MergeState:
+        """Fold a LoRA-family or (IA)^3 adapter into the base weights (Conflict if it cannot)."""
+        return build(MergeState, self._json("POST", "/v1/merge", {"adapter": adapter}))
+
+    def reset(self) -> MergeState:
+        """Restore the original base weights."""
+        return build(MergeState, self._json("POST", "/v1/merge/reset"))
+
+
+class AsyncAdapterServerClient:
+    """The same API as `AdapterServerClient`, every call awaitable; `stream` is an async iterator."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float | httpx.Timeout | None = None, transport: httpx.AsyncBaseTransport | None = None):
+        self.http = httpx.AsyncClient(**client_options(base_url, api_key, timeout), transport=transport)
+        self._base: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return str(self.http.base_url).rstrip("/")
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> "AsyncAdapterServerClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+        try:
+            response = await self.http.send(request, stream=stream)
+        except httpx.TransportError as e:
+            raise ConnectionFailed(0, f"cannot reach {self.base_url}: {e}", "connection_error") from e
+        if stream and not response.is_success:
+            await response.aread()
+            await response.aclose()
+        return check(response)
+
+    async def _json(self, method: str, path: str, body: dict | None = None) -> Any:
+        return (await self._send(self.http.build_request(method, path, json=body))).json()
+
+    async def health(self) -> Health:
+        return parse_health(await self._json("GET", "/health"))
+
+    async def models(self) -> list[Model]:
+        return parse_models(await self._json("GET", "/v1/models"))
+
+    async def base_model(self) -> str:
+        if self._base is None:
+            self._base = base_model(await self.models())
+        return self._base
+
+    async def complete(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
+                       adapters: Sequence[str] | None = None, **params: Any) -> Completion:
+        body = completion_body(prompt, model or await self.base_model(), adapters, False, params)
+        return parse_completion(await self._json("POST", "/v1/completions", body))
+
+    async def stream(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
+                     adapters: Sequence[str] | None = None, **params: Any) -> AsyncIterator[Completion]:
+        body = completion_body(prompt, model or await self.base_model(), adapters, True, params)
+        response = await self._send(self.http.build_request("POST", "/v1/completions", json=body), stream=True)
+        try:
+            async for line in response.aiter_lines():
+                chunk = parse_sse_line(line)
+                if chunk is not None:
+                    yield chunk
+        except httpx.TransportError as e:
+            raise ConnectionFailed(0, f"stream from {self.base_url} broke: {e}", "connection_error") from e
+        finally:
+            await response.aclose()
+
+    async def upload_adapter(self, name: str, path: str | os.PathLike, format: str | None = None,
+                             progress: Progress | None = None) -> AdapterInfo:
+        request = with_progress(self.http, upload_request(self.http, name, path, format), progress, True)
+        return parse_adapter((await self._send(request)).json())
+
+    async def register_adapter(self, name: str, path: str, format: str | None = None) -> AdapterInfo:
+        body = {"name": name, "path": path, **({"format": format} if format else {})}
+        return parse_adapter(await self._json("POST", "/v1/adapters/register", body))
+
+    async def list_adapters(self) -> list[AdapterInfo]:
+        return parse_adapters(await self._json("GET", "/v1/adapters"))
+
+    async def get_adapter(self, name: str) -> AdapterInfo:
+        return parse_adapter(await self._json("GET", adapter_path(name)))
+
+    async def download_adapter(self, name: str, dest: str | os.PathLike) -> Path:
+        response = await self._send(self.http.build_request("GET", adapter_path(name, "/files")))
+        return unpack_zip(response.content, dest)
+
+    async def delete_adapter(self, name: str) -> Deleted:
+        return build(Deleted, await self._json("DELETE", adapter_path(name)))
+
+    async def merged(self) -> MergeState:
+        return build(MergeState, await self._json("GET", "/v1/merge"))
+
+    async def merge(self, adapter: str) -> MergeState:
+        return build(MergeState, await self._json("POST", "/v1/merge", {"adapter": adapter}))
+
+    async def reset(self) -> MergeState:
+        return build(MergeState, await self._json("POST", "/v1/merge/reset"))

@@ -1,0 +1,70 @@
+"""API keys: an inference key and an admin key, sent as `Authorization: Bearer KEY`.
+
+Inference endpoints accept either key, admin endpoints only the admin key (401 for a missing
+or unknown key, 403 for the inference key on an admin endpoint). With no key configured
+everything is open, and the server binds to 127.0.0.1 only (`bind_host`).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import replace
+
+from fastapi import Request
+
+from adapter_runtime.errors import Forbidden, Unauthorized
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+LOCALHOST = "127.0.0.1"
+
+
+def bind_host(settings: Settings) -> Settings:
+    """Without any key the API is open, so it must not be reachable from other machines."""
+    if settings.api_key or settings.admin_key:
+        return settings
+    log.warning("no API keys configured (--api-key / --admin-key): the API is open to anyone who can reach it, "
+                "so the server binds to %s only%s", LOCALHOST,
+                f" (ignoring host {settings.host})" if settings.host != LOCALHOST else "")
+    return replace(settings, host=LOCALHOST)
+
+
+def _presented(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
+
+
+def _settings(request: Request) -> Settings:
+    return getattr(request.app.state, "settings", None) or Settings()
+
+
+def inference(request: Request) -> None:
+    """Dependency of inference endpoints: either key."""
+    s = _settings(request)
+    if not (s.api_key or s.admin_key):
+        return
+    key = _presented(request)
+    if not (_same(key, s.api_key) or _same(key, s.admin_key)):
+        raise Unauthorized("missing or invalid API key: send `Authorization: Bearer KEY`")
+
+
+def admin(request: Request) -> None:
+    """Dependency of admin endpoints (uploads, deletes, merges): the admin key only."""
+    s = _settings(request)
+    if not (s.api_key or s.admin_key):
+        return
+    key = _presented(request)
+    if _same(key, s.admin_key):
+        return
+    if _same(key, s.api_key):
+        raise Forbidden("this endpoint needs the admin key; the inference key is not enough")
+    if not s.admin_key:
+        raise Forbidden("admin endpoints are disabled: no admin key is configured (--admin-key)")
+    raise Unauthorized("missing or invalid admin key: send `Authorization: Bearer ADMIN_KEY`")
