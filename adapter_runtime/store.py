@@ -110,14 +110,20 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def normalize(src: Path, dst: Path, format: str | None) -> str:
-    """Write `src`'s adapter into the empty folder `dst` in normalized form; return its format."""
+def normalize(src: Path, dst: Path, format: str | None, info: ModelInfo) -> str:
+    """Write `src`'s adapter into the empty folder `dst` in normalized form; return its format.
+    AdapterHub prefix tuning is stored ejected: flat K/V and `flat: true`."""
     format = format or detect_format(src)
     if format not in WEIGHTS:
         raise AdapterFormatError(f"unknown adapter format {format!r}; expected one of {', '.join(WEIGHTS)}")
     accepted, target = WEIGHTS[format]
     config = read_json(src / "adapter_config.json")
     tensors = read_tensors(src, accepted)  # safetensors, or weights_only torch.load: never a code pickle
+    if format == "adapterhub":
+        from .formats.adapterhub import eject_prefix
+
+        adapter = load_adapter(src, info, None, format)  # validates; evaluates a prefix MLP once
+        config, tensors = eject_prefix(config, tensors, adapter.prefix)
     tensors = {k: v.contiguous().clone() for k, v in tensors.items() if PREFIX_ALIAS not in k}
     from safetensors.torch import save_file
 
@@ -173,7 +179,7 @@ class AdapterStore:
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
-            format = normalize(Path(src), tmp, format)
+            format = normalize(Path(src), tmp, format, self.info)
             adapter = load_adapter(tmp, self.info, name, format)
             check_limits(adapter, self.limits)
             weights = tmp / WEIGHTS[format][1]

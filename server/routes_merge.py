@@ -5,10 +5,11 @@ outputs (see adapter_runtime/merge.py)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from . import auth
 from .routes import get_engine
 
 router = APIRouter()
@@ -22,18 +23,18 @@ class MergeState(BaseModel):
     merged: str | None = Field(description="the adapter merged into the base weights, or null")
 
 
-@router.get("/v1/merge", response_model=MergeState)
+@router.get("/v1/merge", response_model=MergeState, dependencies=[Depends(auth.inference)])
 async def merge_state(request: Request) -> MergeState:
     return MergeState(merged=get_engine(request).merged_name)
 
 
-@router.post("/v1/merge", response_model=MergeState)
+@router.post("/v1/merge", response_model=MergeState, dependencies=[Depends(auth.admin)])
 async def merge(body: MergeRequest, request: Request) -> MergeState:
     engine = get_engine(request)
     return MergeState(merged=await run_in_threadpool(engine.merge, body.adapter))
 
 
-@router.post("/v1/merge/reset", response_model=MergeState)
+@router.post("/v1/merge/reset", response_model=MergeState, dependencies=[Depends(auth.admin)])
 async def reset(request: Request) -> MergeState:
     engine = get_engine(request)
     await run_in_threadpool(engine.reset)

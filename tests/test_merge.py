@@ -171,3 +171,37 @@ def test_merge_endpoints(bases, tmp_path):
         assert httpx.post(f"{url}/v1/merge", json={"adapter": "nope"}).status_code == 404
     finally:
         stop_server(proc)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])  # llama: grouped-query, where the library's eject crashes
+def test_store_exports_prefix_ejected_and_the_library_loads_it_back(kind, tmp_path):
+    import io
+    import json
+    import zipfile
+
+    from adapters import PrefixTuningConfig
+
+    from adapter_runtime.store import AdapterStore
+
+    directory, trained = adapterhub_adapter(kind, PrefixTuningConfig(prefix_length=6, bottleneck_size=32),
+                                            tmp_path / "prefix")
+    ids = random_ids(2, 8, seed=3)
+    with torch.no_grad():
+        expected = trained(ids, use_cache=False).logits
+    lm = load_model(save_checkpoint(hf_model(kind), tmp_path / "base"))
+    store = AdapterStore(tmp_path / "store", lm.info)
+    store.add("prefix", directory)
+    buffer = io.BytesIO()
+    store.write_zip("prefix", buffer)
+    exported = tmp_path / "exported"
+    zipfile.ZipFile(buffer).extractall(exported)
+    config = json.loads((exported / "adapter_config.json").read_text())
+    assert config["config"]["flat"] is True
+
+    fresh = hf_model(kind)
+    adapters_lib.init(fresh)
+    fresh.load_adapter(str(exported), load_as="prefix", set_active=True, use_safetensors=True)
+    with torch.no_grad():
+        got = fresh.eval()(ids, use_cache=False).logits
+    assert (got - expected).abs().max().item() <= TOL
+    assert (expected - hf_model(kind)(ids).logits).abs().max().item() > 1e-2
