@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable, Iterator, Sequence
@@ -47,6 +48,15 @@ class EngineConfig:
     max_seq_len: int | None = None  # cache entries per slot (prefix + prompt + completion); None = model max
     max_queue: int = 256  # requests waiting for a slot before `submit` refuses (429)
     default_max_seq_len: int = 4096  # cap when max_seq_len is None and the model allows more
+
+
+@dataclass(frozen=True)
+class EngineHooks:
+    """Callbacks an observer (e.g. the server's metrics) passes in; they run on the worker
+    thread, must be quick, and any exception they raise is logged and ignored."""
+
+    first_token: Callable[["Request", float], None] | None = None  # (request, seconds since submit)
+    finished: Callable[["Request", int, int], None] | None = None  # (request, prompt tokens, completion tokens)
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,7 @@ class RequestHandle:
         self.request = request
         self._on_done = on_done  # called once, on the worker thread, with the last event
         self._cancelled = threading.Event()
+        self.submitted = time.monotonic()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._queue: asyncio.Queue | queue.Queue = asyncio.Queue()
@@ -189,7 +200,8 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, registry: AdapterRegistry | None = None, config: EngineConfig = EngineConfig()):
+    def __init__(self, loaded: LoadedModel, registry: AdapterRegistry | None = None, config: EngineConfig = EngineConfig(),
+                 hooks: EngineHooks = EngineHooks()):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -206,6 +218,8 @@ class Engine:
         self._waiting: deque[RequestHandle] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._drain_deadline: float | None = None  # set by `drain`: no new requests; fail the rest after it
+        self.hooks = hooks
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
         self._decode_adapters: tuple | None = None  # (row key, merge state, AdapterBatch) of the last decode
@@ -228,8 +242,27 @@ class Engine:
                 self._thread.start()
         return self
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Refuse new requests, fail the pending ones with `EngineUnavailable`, join the worker."""
+    def drain(self, grace: float) -> None:
+        """Stop admitting (submit raises EngineUnavailable); requests already accepted run on,
+        and those still unfinished `grace` seconds from now fail with EngineUnavailable."""
+        with self._cond:
+            deadline = time.monotonic() + max(grace, 0.0)
+            if self._drain_deadline is None or deadline < self._drain_deadline:
+                self._drain_deadline = deadline
+            self._cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        with self._cond:
+            return bool(self._running or self._waiting or self._commands)
+
+    def stop(self, timeout: float | None = 30.0, grace: float | None = None) -> None:
+        """Refuse new requests, fail the pending ones with `EngineUnavailable`, join the worker.
+        With `grace`, first drain: let accepted requests finish for up to `grace` seconds."""
+        if grace is not None and self._thread is not None:
+            self.drain(grace)
+            while self.busy and self._thread is not None and self._thread.is_alive():
+                time.sleep(0.02)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -246,7 +279,7 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and not self._stopping
+        return self._thread is not None and not self._stopping and self._drain_deadline is None
 
     def stats(self) -> dict:
         with self._cond:
@@ -262,7 +295,7 @@ class Engine:
             request = replace(request, request_id=f"req-{next(self._ids)}")
         handle = RequestHandle(request, on_done)
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._drain_deadline is not None:
                 raise EngineUnavailable("the server is shutting down")
             if len(self._waiting) >= self.config.max_queue:
                 raise CapacityExceeded(
@@ -303,6 +336,12 @@ class Engine:
                         self._waiting.remove(h)
                         h._push(Event(finish_reason="cancelled", prompt_tokens=len(h.request.prompt_ids)))
                     admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+                    late = self._drain_deadline is not None and time.monotonic() > self._drain_deadline
+                if late:  # draining and past the grace period: cancel what is left
+                    self._waiting.extendleft(reversed(admitted))
+                    self._fail_all(EngineUnavailable("the server shut down before the request finished "
+                                                     "(shutdown grace period exceeded)"))
+                    continue
                 self._run_commands()  # merge / reset: between steps, never inside one
                 try:
                     self._step(admitted)
@@ -516,6 +555,8 @@ class Engine:
         p = r.params
         r.generated.append(token)
         r.last = token
+        if len(r.generated) == 1:
+            self._hook(self.hooks.first_token, r.request, time.monotonic() - r.handle.submitted)
         entry = ()
         if p.logprobs is not None:
             entry = (self._logprob(logits, token, p.logprobs, r.offset + len(r.text)),)
@@ -545,8 +586,17 @@ class Engine:
             self._running.remove(r)
             heapq.heappush(self._free, r.slot)
 
+    def _hook(self, fn, *args) -> None:
+        if fn is None:
+            return
+        try:
+            fn(*args)
+        except Exception:  # an observer never takes the engine down
+            log.exception("engine hook failed")
+
     def _finish(self, r: _Running, reason: str, last: Event = Event()) -> None:
         self._release(r)
+        self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
         r.handle._push(replace(last, finish_reason=reason, prompt_tokens=len(r.request.prompt_ids),
                                completion_tokens=len(r.generated)))
 
@@ -554,6 +604,8 @@ class Engine:
         if not isinstance(error, AdapterRuntimeError):
             log.exception("request %s failed", r.request.request_id, exc_info=error)
             error = AdapterRuntimeError(f"internal error: {type(error).__name__}: {error}")
+        if r in self._running:
+            self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
         self._release(r)
         r.handle._push(Event(error=error))
 

@@ -21,10 +21,12 @@ keep their reference to its tensors and finish normally; the memory is freed aft
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -32,6 +34,10 @@ from .adapters import Adapter
 from .batch import Setup
 from .errors import AdapterConflict, AdapterNotFound, InvalidRequest
 from .store import AdapterStore, StoredAdapter, check_name
+
+log = logging.getLogger(__name__)
+# cache observer: (event, tier, seconds); events "hit" | "miss" | "load" | "evict", tiers "device" | "host" | "disk"
+CacheObserver = Callable[[str, str, float], None]
 
 
 @dataclass(frozen=True)
@@ -81,13 +87,16 @@ class _Lru:
         if adapter is not None:
             self.bytes -= adapter.nbytes
 
-    def evict(self, over, pinned: Counter) -> None:
-        """Drop least recently used unpinned entries while `over(self)` holds."""
+    def evict(self, over, pinned: Counter) -> int:
+        """Drop least recently used unpinned entries while `over(self)` holds; return how many."""
+        dropped = 0
         for name in list(self.items):
             if not over(self):
-                return
+                break
             if not pinned[name]:
                 self.pop(name)
+                dropped += 1
+        return dropped
 
 
 class AdapterRegistry:
@@ -105,6 +114,7 @@ class AdapterRegistry:
         self._served: Counter[str] = Counter()
         self.store: AdapterStore | None = None
         self.limits = limits
+        self.observer: CacheObserver | None = None  # e.g. the server's metrics
         if store is not None:
             self.attach(store, limits)
 
@@ -189,11 +199,16 @@ class AdapterRegistry:
                 raise self._not_found(name)
             if found is not None:
                 self._pins.update([name] * pin)
+                self._observe("hit", "device")
                 return found
             host = self._host.get(name)
+        self._observe("miss", "device")
+        self._observe("hit" if host is not None else "miss", "host")
+        start = time.perf_counter()
         if host is None:
             host = self.store.load(meta)  # disk -> CPU fp32, outside the lock
         on_device = host.to(self.device, self.dtype)
+        self._observe("load", "disk" if host is not None else "host", time.perf_counter() - start)
         with self._lock:
             if self._stored.get(name) is not meta:  # deleted (or replaced) while loading
                 raise self._not_found(name)
@@ -203,12 +218,23 @@ class AdapterRegistry:
             self._evict()
             return found
 
+    def _observe(self, event: str, tier: str, seconds: float = 0.0) -> None:
+        if self.observer is None:
+            return
+        try:
+            self.observer(event, tier, seconds)
+        except Exception:  # an observer never breaks a lookup
+            log.exception("cache observer failed")
+
     def _evict(self) -> None:  # holding the lock
         lim = self.limits
-        self._device.evict(lambda c: len(c.items) > lim.device_adapters
-                           or (lim.device_bytes is not None and c.bytes > lim.device_bytes), self._pins)
+        dropped = self._device.evict(lambda c: len(c.items) > lim.device_adapters
+                                     or (lim.device_bytes is not None and c.bytes > lim.device_bytes), self._pins)
+        for _ in range(dropped):
+            self._observe("evict", "device")
         if lim.host_bytes is not None:
-            self._host.evict(lambda c: c.bytes > lim.host_bytes, self._pins)
+            for _ in range(self._host.evict(lambda c: c.bytes > lim.host_bytes, self._pins)):
+                self._observe("evict", "host")
 
     # ------------------------------------------------------------------ requests
     def resolve(self, model: str, stack: Sequence[str] | None = None, pin: bool = False) -> Setup:

@@ -122,7 +122,7 @@ def run(quick: bool = False) -> str:
         get = engine.registry.get
 
         max_tokens = 32 if quick else 64
-        reps = 1 if quick else 2
+        reps = 1 if quick else 3
         batch = prompts(32, 32, seed=11)
         scenarios = {
             "base (no adapter)": [()] * 32,

@@ -82,7 +82,7 @@ def run(quick: bool = False) -> str:
     out = []
     try:
         max_tokens = 32 if quick else 64
-        reps = 1 if quick else 2
+        reps = 1 if quick else 3
         rows = static(engine, hf, (1, 8, 32), max_tokens, reps)
         out.append(table(f"Issue 2a: static batches, ~32-token prompts, {max_tokens} new tokens each, greedy, ignore_eos "
                          f"(best of {reps}, interleaved)",

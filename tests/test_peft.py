@@ -15,6 +15,7 @@ from adapter_runtime.errors import AdapterFormatError, AdapterIncompatible, Adap
 from adapter_runtime.formats import load_adapter
 from adapter_runtime.layout import forward_sequences
 from adapter_runtime.models import load_model
+from tests.oracles import peft_adapter
 from tests.tiny import hf_model, random_ids, save_checkpoint
 
 peft = pytest.importorskip("peft")
@@ -38,15 +39,7 @@ def bases(tmp_path_factory):
 
 def make_adapter(kind, config, directory, ia3: bool = False, seed: int = 1, **model_overrides):
     """Wrap a fresh base with PEFT, randomize every trainable (adapter) parameter, save."""
-    model = get_peft_model(hf_model(kind, **model_overrides), config)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                noise = torch.randn(p.shape, generator=g)
-                p.copy_(1 + 0.5 * noise if ia3 else 0.3 * noise)
-    model.eval().save_pretrained(directory)
-    return directory
+    return peft_adapter(kind, config, directory, seed=seed, ia3=ia3, **model_overrides)[0]
 
 
 def oracle(kind, directory):
