@@ -47,16 +47,16 @@ class AdapterGroup:
         return [b for a in self.setup if (b := a.bottleneck.get((layer, location))) is not None]
 
 
-# From this many distinct plain LoRAs at one linear, gathered batched matmuls beat a loop.
-GATHERED_LORA_MIN_GROUPS = 3
+# From this many groups of one kind at one site, gathered batched ops replace the group loop.
+GATHERED_MIN_GROUPS = 2
 
 
 @dataclass(frozen=True)
 class AdapterBatch:
     groups: tuple[AdapterGroup, ...] = ()
-    # per-site stacked LoRA weights for the gathered path; a memo, reused while the engine
-    # keeps this AdapterBatch (a decode batch whose rows do not change)
-    _lora_stacks: dict = field(default_factory=dict, compare=False, repr=False)
+    # per-site plans with stacked weights for the gathered paths; a memo, reused while the
+    # engine keeps this AdapterBatch (a decode batch whose rows do not change)
+    _plans: dict = field(default_factory=dict, compare=False, repr=False)
     # while an adapter is merged into the base weights: the rows that do not use it, and per
     # linear site the effect that takes the merged output back to the base output
     unmerge: "Unmerge | None" = None
@@ -64,59 +64,119 @@ class AdapterBatch:
 
     # ---- linear sites: LoRA deltas, (IA)^3 scales
     def linear(self, layer: int, module: str, base: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """base(x) [.., out] plus each group's effect at (layer, module)."""
-        touched = [(g, effects) for g in self.groups if (effects := g.linear_effects(layer, module))]
+        """base(x) [.., out] plus each group's effect at (layer, module).
+
+        Reference: for each group, y[rows] = apply_output(x[rows], y[rows], effects). Groups
+        whose single effect is a plain LoRA, an output scale or an input scale are instead
+        applied together per kind (`_linear_plan`), which gives the same numbers per row."""
         undo = self.unmerge.effects.get((layer, module)) if self.unmerge is not None else None
-        if not touched and undo is None:
+        plan = self._linear_plan(layer, module)
+        if plan is None and undo is None:
             return base(x)
-        if undo is None and len(touched) >= GATHERED_LORA_MIN_GROUPS and all(
-            len(e) == 1 and linear_math.is_plain_lora(e[0]) for _, e in touched
-        ):
-            rows, A, B = self._stacked_loras(layer, module, touched)
-            y = base(x)
-            if rows is None:  # every row has its own LoRA and the stacks are in row order
-                return y + linear_math.gathered_lora_delta(x, A, B)
-            return y.index_add_(0, rows, linear_math.gathered_lora_delta(x[rows], A, B))
+        loras, out_scales, in_scales, rest = plan or (None, None, None, ())
         # input scales act before the shared base op; x feeds other sites: never scale in place
-        scaled_inputs = [(g, e) for g, e in touched if any(isinstance(f, Scale) and f.on_input for f in e)]
-        if undo is not None:
-            scaled_inputs.insert(0, (self.unmerge.rows, [undo]))
         x_in = x
-        for g, effects in scaled_inputs:
-            if x_in is x and not g.all_rows:
-                x_in = x.clone()
-            x_in = g.put(x_in, linear_math.scale_input(g.take(x_in), effects))
+        if undo is not None:
+            x_in = _put(x_in, self.unmerge.rows, linear_math.scale_input(self.unmerge.rows.take(x_in), [undo]), x)
+        if in_scales is not None:
+            rows, vectors = in_scales
+            x_in = x_in * vectors if rows is None else _scatter(x_in, rows, x_in[rows] * vectors, x)
+        for g, effects in rest:
+            if any(isinstance(e, Scale) and e.on_input for e in effects):
+                x_in = _put(x_in, g, linear_math.scale_input(g.take(x_in), effects), x)
         y = base(x_in)
         if undo is not None:  # back to the base output first, then the rows' own effects
             rows = self.unmerge.rows
             y = rows.put(y, linear_math.apply_output(rows.take(x_in), rows.take(y), [undo], None))
-        for g, effects in touched:
+        if loras is not None:
+            rows, A, B = loras
+            y = y + linear_math.gathered_lora_delta(x, A, B) if rows is None else \
+                y.index_add_(0, rows, linear_math.gathered_lora_delta(x[rows], A, B))
+        if out_scales is not None:
+            rows, vectors = out_scales
+            y = y * vectors if rows is None else _scatter(y, rows, y[rows] * vectors, None)
+        for g, effects in rest:
             y = g.put(y, linear_math.apply_output(g.take(x), g.take(y), effects, g.token_mask))
         return y
 
-    def _stacked_loras(self, layer: int, module: str, touched) -> tuple[Tensor | None, Tensor, Tensor]:
-        """(rows, A, B) for the gathered path; rows None when the groups cover the whole batch
-        (groups are disjoint, so the counts tell without a device sync): the stacks are then
-        put in row order once, and the delta needs no gather or scatter."""
-        key = (layer, module)
-        if key not in self._lora_stacks:
-            rows = torch.cat([g.rows for g, _ in touched])
-            counts = [len(g.rows) for g, _ in touched]
-            A, B = linear_math.stack_loras([e[0] for _, e in touched], counts)
-            if sum(counts) == self.batch_size:
-                order = torch.argsort(rows)
-                rows, A, B = None, A[order], B[order]
-            self._lora_stacks[key] = (rows, A, B)
-        return self._lora_stacks[key]
+    def _linear_plan(self, layer: int, module: str):
+        """None if no row has an effect here, else (loras, out_scales, in_scales, rest):
+        stacked weights for the groups applied together per kind (None if fewer than two
+        groups of that kind), and the (group, effects) applied one group at a time."""
+        key = ("linear", layer, module)
+        if key not in self._plans:
+            touched = [(g, effects) for g in self.groups if (effects := g.linear_effects(layer, module))]
+            kinds: dict[str, list] = {"lora": [], "out": [], "in": []}
+            rest = []
+            for g, effects in touched:
+                kind = linear_math.gatherable_kind(effects) if g.token_mask is None else None
+                (kinds[kind] if kind else rest).append((g, effects))
+            for kind, members in kinds.items():
+                if len(members) < GATHERED_MIN_GROUPS:
+                    rest.extend(members)
+                    kinds[kind] = None
+                    continue
+                counts = [len(g.rows) for g, _ in members]
+                rows = torch.cat([g.rows for g, _ in members])
+                effects = [e[0] for _, e in members]
+                stacked = linear_math.stack_loras(effects, counts) if kind == "lora" else \
+                    (linear_math.stack_scales(effects, counts),)
+                kinds[kind] = self._in_row_order(rows, counts, stacked)
+            self._plans[key] = None if not touched else (kinds["lora"], kinds["out"], kinds["in"], rest)
+        return self._plans[key]
+
+    def _in_row_order(self, rows: Tensor, counts: list[int], stacked: tuple[Tensor, ...]) -> tuple:
+        """(rows, *stacked); rows None when the groups cover the whole batch (groups are
+        disjoint, so the counts tell without a device sync): the stacks are then put in row
+        order once, and applying them needs no gather or scatter."""
+        if sum(counts) == self.batch_size:
+            order = torch.argsort(rows)
+            return (None, *(t[order] for t in stacked))
+        return (rows, *stacked)
 
     # ---- residual sites: bottleneck adapters around a sublayer
     def residual(self, layer: int, location: str, sublayer_out: Tensor, residual: Tensor) -> Tensor:
-        """The block's new hidden state: sublayer_out + residual, or the adapters' composition."""
+        """The block's new hidden state: sublayer_out + residual, or the adapters' composition.
+
+        Reference: for each group, h[rows] = compose(bottlenecks, s[rows], r[rows]). Plain
+        sequential adapters of one activation are applied together (`_residual_plan`)."""
         h = sublayer_out + residual
-        for g in self.groups:
-            if adapters := g.bottlenecks(layer, location):
-                h = g.put(h, bottleneck_math.compose(adapters, g.take(sublayer_out), g.take(residual), g.token_mask))
+        plan = self._residual_plan(layer, location)
+        if plan is None:
+            return h
+        gathered, rest = plan
+        for activation_name, (rows, stacked) in gathered.items():
+            s = sublayer_out if rows is None else sublayer_out[rows]
+            r = residual if rows is None else residual[rows]
+            out = bottleneck_math.gathered_sequential(stacked, activation_name, s, r)
+            h = out if rows is None else _scatter(h, rows, out, None)
+        for g, adapters in rest:
+            h = g.put(h, bottleneck_math.compose(adapters, g.take(sublayer_out), g.take(residual), g.token_mask))
         return h
+
+    def _residual_plan(self, layer: int, location: str):
+        key = ("residual", layer, location)
+        if key not in self._plans:
+            touched = [(g, adapters) for g in self.groups if (adapters := g.bottlenecks(layer, location))]
+            by_activation: dict[str, list] = {}
+            rest = []
+            for g, adapters in touched:
+                if len(adapters) == 1 and bottleneck_math.is_plain_sequential(adapters[0]):
+                    by_activation.setdefault(adapters[0].activation, []).append((g, adapters))
+                else:
+                    rest.append((g, adapters))
+            gathered = {}
+            for name, members in by_activation.items():
+                if len(members) < GATHERED_MIN_GROUPS:
+                    rest.extend(members)
+                    continue
+                counts = [len(g.rows) for g, _ in members]
+                rows = torch.cat([g.rows for g, _ in members])
+                stacked = bottleneck_math.stack_sequential([a[0] for _, a in members], counts)
+                ordered = self._in_row_order(rows, counts, tuple(stacked))
+                gathered[name] = (ordered[0], type(stacked)(*ordered[1:]))
+            self._plans[key] = None if not touched else (gathered, rest)
+        return self._plans[key]
 
     # ---- embedding sites
     def token_embeddings(self, h: Tensor) -> Tensor:
@@ -137,6 +197,20 @@ class AdapterBatch:
 
 
 NO_ADAPTERS = AdapterBatch()
+
+
+def _scatter(dst: Tensor, rows: Tensor, value: Tensor, shared: Tensor | None) -> Tensor:
+    """dst with dst[rows] = value; copies first when dst is `shared` (an input other sites read)."""
+    if dst is shared:
+        dst = dst.clone()
+    dst[rows] = value
+    return dst
+
+
+def _put(dst: Tensor, group: AdapterGroup, value: Tensor, shared: Tensor) -> Tensor:
+    if group.all_rows:
+        return value
+    return _scatter(dst, group.rows, value, shared)
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,7 @@ class RequestHandle:
         self._on_done = on_done  # called once, on the worker thread, with the last event
         self._cancelled = threading.Event()
         self.submitted = time.monotonic()
+        self.done = False  # the last event was pushed
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._queue: asyncio.Queue | queue.Queue = asyncio.Queue()
@@ -142,6 +143,9 @@ class RequestHandle:
         return self._cancelled.is_set()
 
     def _push(self, event: Event) -> None:  # worker thread
+        if self.done:
+            return  # one final event per request, whatever else goes wrong
+        self.done = event.finish_reason is not None or event.error is not None
         if (event.finish_reason is not None or event.error is not None) and self._on_done is not None:
             done, self._on_done = self._on_done, None
             done()  # e.g. unpin the request's adapters
@@ -349,6 +353,8 @@ class Engine:
                     log.exception("engine step failed")
                     for r in list(self._running):
                         self._fail(r, e)
+                    for h in admitted:  # admitted but failed before it ran: still owed an answer
+                        h._push(Event(error=AdapterRuntimeError(f"internal error: {type(e).__name__}: {e}")))
 
     def _step(self, admitted: list[RequestHandle]) -> None:
         for r in [r for r in self._running if r.handle.cancelled]:

@@ -204,11 +204,11 @@ class AdapterRegistry:
             host = self._host.get(name)
         self._observe("miss", "device")
         self._observe("hit" if host is not None else "miss", "host")
-        start = time.perf_counter()
+        source, start = ("host" if host is not None else "disk"), time.perf_counter()
         if host is None:
             host = self.store.load(meta)  # disk -> CPU fp32, outside the lock
         on_device = host.to(self.device, self.dtype)
-        self._observe("load", "disk" if host is not None else "host", time.perf_counter() - start)
+        self._observe("load", source, time.perf_counter() - start)
         with self._lock:
             if self._stored.get(name) is not meta:  # deleted (or replaced) while loading
                 raise self._not_found(name)

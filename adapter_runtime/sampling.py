@@ -54,6 +54,8 @@ def check(params: SamplingParams) -> None:
         raise InvalidRequest(f"logprobs must be in 0..{MAX_LOGPROBS}, got {params.logprobs}")
     if any(not s for s in params.stop):
         raise InvalidRequest("stop strings must not be empty")
+    if params.seed is not None and not -(1 << 63) <= params.seed < (1 << 64):
+        raise InvalidRequest(f"seed must fit in 64 bits, got {params.seed}")
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:

@@ -137,6 +137,7 @@ class AdapterStore:
         self.root = Path(root)
         self.info = info
         self.limits = limits
+        self.skipped: dict[str, str] = {}  # folder name -> why the last `scan` skipped it
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
@@ -145,7 +146,7 @@ class AdapterStore:
     def scan(self) -> list[StoredAdapter]:
         """Every intact stored adapter; leftovers of interrupted writes are deleted, folders
         that cannot be read are logged and skipped."""
-        found = []
+        found, self.skipped = [], {}
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith((".tmp-", ".trash-")):  # an interrupted write or delete
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
@@ -156,7 +157,21 @@ class AdapterStore:
                 found.append(self._read_meta(entry))
             except Exception as e:
                 log.error("skipping stored adapter %s: %s", entry, e)
+                self.skipped[entry.name] = str(e)
         return found
+
+    def sweep(self) -> None:
+        """Delete leftovers of interrupted writes (`.tmp-*`, `.trash-*`), e.g. at shutdown."""
+        for entry in list(self.root.iterdir()):
+            if entry.name.startswith((".tmp-", ".trash-")):
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+
+    def _check_weights(self, folder: Path, meta: StoredAdapter) -> None:
+        """The weights file is the one registered (its sha256): a corrupted adapter never runs."""
+        weights = folder / WEIGHTS[meta.format][1]
+        if sha256_file(weights) != meta.sha256:
+            raise AdapterFormatError(f"stored adapter {meta.name!r} is corrupted: {weights.name} changed on disk "
+                                     "since registration (sha256 mismatch)")
 
     def _read_meta(self, folder: Path) -> StoredAdapter:
         meta = StoredAdapter(**read_json(folder / "meta.json"))
@@ -168,6 +183,7 @@ class AdapterStore:
 
         with safe_open(str(weights), "pt"):  # the header is readable; tensors load lazily later
             pass
+        self._check_weights(folder, meta)
         return meta
 
     def add(self, name: str, src: Path, format: str | None = None) -> tuple[StoredAdapter, Adapter]:
@@ -200,6 +216,7 @@ class AdapterStore:
         folder = self.path(meta.name)
         if not folder.is_dir():
             raise AdapterNotFound(f"adapter {meta.name!r} is not in the store")
+        self._check_weights(folder, meta)
         return load_adapter(folder, self.info, meta.name, meta.format)
 
     def delete(self, name: str) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
 from . import errors, routes, routes_adapters, routes_merge
+from .limits import StreamLimiter
+from .metrics import Metrics
+from .middleware import RequestContext
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +45,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         eng = engine if engine is not None else build_engine(settings)
+        app.state.metrics.attach(eng)
         app.state.engine = eng.start()
         app.state.created = int(time.time())
         log.info("serving %s (%d adapters) on %s, max_batch %d, max_seq_len %d", eng.model_name,
@@ -47,12 +53,33 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         try:
             yield
         finally:
-            eng.stop()
+            await asyncio.to_thread(eng.stop, 30.0, settings.shutdown_grace_s)
+            if eng.registry.store is not None:
+                eng.registry.store.sweep()  # writes are atomic renames; drop any half-written temp folder
 
     app = FastAPI(title="adapter-server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
+    app.state.metrics = Metrics(lambda: engine_state(app))
+    app.state.limiter = StreamLimiter(settings.max_streams_per_key)
+    app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     errors.install(app)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=True)
     app.include_router(routes.router)
     app.include_router(routes_adapters.router)
     app.include_router(routes_merge.router)
     return app
+
+
+def engine_state(app: FastAPI) -> dict:
+    """What the metrics' gauges read at scrape time ({} before the engine starts)."""
+    engine = getattr(app.state, "engine", None)
+    if engine is None:
+        return {}
+    store = engine.registry.store
+    return {**engine.stats(), "skipped": len(store.skipped) if store is not None else 0}
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text format; open like /health (scrapers rarely hold keys)."""
+    metrics: Metrics = request.app.state.metrics
+    return Response(metrics.render(), media_type=metrics.content_type)

@@ -29,9 +29,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--store-dir", dest="store_dir", help="where uploaded adapters are kept (default ./data/adapters)")
     s.add_argument("--adapter-root", dest="adapter_root", help="server-side folders below this may be registered")
     for flag in ("max-upload-bytes", "device-cache-adapters", "device-cache-bytes", "host-cache-bytes",
-                 "max-lora-rank", "max-prefix-len"):
+                 "max-lora-rank", "max-prefix-len", "max-prompt-tokens", "max-tokens-limit", "max-body-bytes",
+                 "max-stack-adapters", "max-streams-per-key"):
         s.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
+    s.add_argument("--shutdown-grace-s", type=float, dest="shutdown_grace_s",
+                   help="on SIGTERM, running requests get this many seconds to finish (default 10)")
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     return p
 
 
@@ -41,9 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides.get("adapters"):
         overrides["adapters"] = tuple(overrides["adapters"])
     settings = Settings.from_env(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .middleware import configure_logging
 
-    import uvicorn
+    configure_logging(settings.log_level, settings.log_format)
 
     from .auth import bind_host
 
@@ -51,8 +55,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    run_server(create_app(settings), settings)
     return 0
+
+
+def run_server(app, settings: Settings) -> None:
+    """uvicorn, with a shutdown that drains: on SIGTERM/SIGINT the engine stops admitting at
+    once (503) and gives running requests `shutdown_grace_s` to finish (then fails them with a
+    clear error); uvicorn waits for their responses, and the process exits 0."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            engine = getattr(app.state, "engine", None)
+            if engine is not None:
+                engine.drain(settings.shutdown_grace_s)
+            if self.should_exit:
+                self.force_exit = True  # a second signal: stop now
+            self.should_exit = True  # not recorded: uvicorn would re-raise it and exit non-zero
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None, access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s + 5)
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

@@ -68,4 +68,5 @@ def install(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
         status, body = describe(exc)
-        return JSONResponse(body, status_code=status)
+        rid = request.scope.get("state", {}).get("request_id")  # outermost handler: set the header here
+        return JSONResponse(body, status_code=status, headers={"X-Request-ID": rid} if rid else None)

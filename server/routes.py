@@ -16,7 +16,7 @@ from adapter_runtime.engine import Request as EngineRequest
 from adapter_runtime.errors import EngineUnavailable, InvalidRequest
 from adapter_runtime.sampling import SamplingParams
 
-from . import auth, errors
+from . import auth, errors, limits
 from .schemas import (CompletionChoice, CompletionRequest, CompletionResponse, Logprobs, ModelCard, ModelList,
                       Prompt, Usage)
 
@@ -51,22 +51,30 @@ async def list_models(request: Request) -> ModelList:
 @router.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(auth.inference)])
 async def completions(body: CompletionRequest, request: Request):
     engine = get_engine(request)
+    settings, metrics = request.app.state.settings, request.app.state.metrics
     check_supported(body)
     prompts = prompt_token_ids(engine, body.prompt)
+    limits.check_request(settings, prompts, body.max_tokens, body.adapters)
     params = sampling_params(body)
+    rid = getattr(request.state, "request_id", "") or uuid.uuid4().hex
+    slots = request.app.state.limiter.take(limits.client_key(request), len(prompts))  # 429 past max_streams_per_key
     handles: list[RequestHandle] = []
     try:
-        for ids in prompts:  # each request pins its adapters until it ends (see registry.py)
+        for i, ids in enumerate(prompts):  # each request pins its adapters until it ends (see registry.py)
             setup = await asyncio.to_thread(engine.registry.acquire, body.model, body.adapters)
             try:
-                handles.append(engine.submit(EngineRequest(tuple(ids), params, setup),
-                                             on_done=lambda s=setup: engine.registry.release(s)))
+                request_id = rid if len(prompts) == 1 else f"{rid}-{i}"
+                handles.append(engine.submit(EngineRequest(tuple(ids), params, setup, request_id),
+                                             on_done=lambda s=setup: (engine.registry.release(s), slots.release())))
             except BaseException:
                 engine.registry.release(setup, served=False)
                 raise
     except BaseException:
+        slots.release(len(prompts) - len(handles))  # submitted ones give theirs back when they end
         cancel(handles)
         raise
+    for name in body.adapters or [body.model]:  # names that resolved: a bounded label set
+        metrics.adapter_requests.labels(name).inc(len(prompts))
     completion_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if body.stream:

@@ -31,6 +31,13 @@ class Settings:
     host_cache_bytes: int | None = 4 << 30
     max_lora_rank: int = 256
     max_prefix_len: int = 512
+    log_format: str = "text"  # "text" | "json" (one JSON object per line); both carry the request id
+    max_prompt_tokens: int | None = None  # per prompt; None = only the context length bounds it
+    max_tokens_limit: int | None = None  # largest max_tokens a request may ask for; None = no cap
+    max_body_bytes: int | None = 4 << 20  # JSON request bodies (uploads use max_upload_bytes)
+    max_stack_adapters: int = 8  # adapters in one request's `adapters` stack
+    max_streams_per_key: int | None = 64  # concurrent engine requests per API key (per client host without keys)
+    shutdown_grace_s: float = 10.0  # on SIGTERM: running requests get this long to finish
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -55,8 +62,11 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
 
 def parse_field(name: str, raw: str):
     if name in ("port", "max_batch", "max_seq_len", "max_queue", "max_upload_bytes", "device_cache_adapters",
-                "device_cache_bytes", "host_cache_bytes", "max_lora_rank", "max_prefix_len"):
+                "device_cache_bytes", "host_cache_bytes", "max_lora_rank", "max_prefix_len", "max_prompt_tokens",
+                "max_tokens_limit", "max_body_bytes", "max_stack_adapters", "max_streams_per_key"):
         return int(raw)
+    if name == "shutdown_grace_s":
+        return float(raw)
     if name == "adapters":
         return tuple(parse_adapter_spec(s) for s in raw.split(",") if s.strip())
     return raw

@@ -15,7 +15,7 @@ Reference loop at one location, s = sublayer output, r = residual before the sub
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +89,58 @@ def phm_weight(rule: Tensor, W: Tensor) -> Tensor:
 
     rule [n, n, n], W [n, in/n, out/n]."""
     return sum(torch.kron(rule[i], W[i]) for i in range(rule.shape[0]))
+
+
+# --------------------------------------------------------------------------- gathered path
+# Many groups with one plain sequential adapter at a site (Pfeiffer, Houlsby, Compacter after
+# materialization): stack their weights per row, bottleneck widths zero-padded to the widest
+# (act(0) = 0 for every activation used here, and the padded up-columns are zero, so the
+# padding adds exact zeros), and run two batched matmuls. The per-row flags are 0/1 floats,
+# so `s + 0 * r` and `1 * s + 0 * x` reproduce the branchy reference exactly.
+
+
+class StackedSequential(NamedTuple):
+    down: Tensor  # [n, d, H]
+    down_bias: Tensor  # [n, 1, d]
+    up: Tensor  # [n, H, d]
+    up_bias: Tensor  # [n, 1, H]
+    scaling: Tensor  # [n, 1, 1]
+    add_r_before: Tensor  # [n, 1, 1] original_ln_before
+    residual_is_s: Tensor  # [n, 1, 1] residual_before_ln is True
+    add_r_after: Tensor  # [n, 1, 1] original_ln_after
+
+
+def is_plain_sequential(a: Bottleneck) -> bool:
+    return (not a.is_parallel and a.ln_before is None and a.ln_after is None and a.gate is None
+            and isinstance(a.scaling, float) and activation(a.activation)(torch.zeros(1)).item() == 0.0)
+
+
+def stack_sequential(adapters: Sequence[Bottleneck], rows_per_adapter: Sequence[int]) -> StackedSequential:
+    d_max = max(a.down_weight.shape[0] for a in adapters)
+    cols: list[list[Tensor]] = [[] for _ in StackedSequential._fields]
+    for a, n in zip(adapters, rows_per_adapter):
+        d, H = a.down_weight.shape
+        pad = d_max - d
+        like = a.down_weight
+        parts = (
+            F.pad(a.down_weight, (0, 0, 0, pad)),
+            F.pad(a.down_bias if a.down_bias is not None else like.new_zeros(d), (0, pad))[None],
+            F.pad(a.up_weight, (0, pad)),
+            (a.up_bias if a.up_bias is not None else like.new_zeros(H))[None],
+            like.new_full((1, 1), a.scaling),
+            like.new_full((1, 1), float(a.original_ln_before)),
+            like.new_full((1, 1), float(a.residual_before_ln is True)),
+            like.new_full((1, 1), float(a.original_ln_after)),
+        )
+        for col, t in zip(cols, parts):
+            col.append(t.expand(n, *t.shape))
+    return StackedSequential(*(torch.cat(col) for col in cols))
+
+
+def gathered_sequential(w: StackedSequential, activation_name: str, s: Tensor, r: Tensor) -> Tensor:
+    """compose([a_i], s_i, r_i) for every row i at once; s, r [n, S, H] -> h [n, S, H]."""
+    x = s + w.add_r_before * r
+    ares = w.residual_is_s * s + (1 - w.residual_is_s) * x
+    z = activation(activation_name)(torch.baddbmm(w.down_bias, x, w.down.transpose(1, 2)))
+    up = torch.baddbmm(w.up_bias, z, w.up.transpose(1, 2)) * w.scaling
+    return up + ares + w.add_r_after * r

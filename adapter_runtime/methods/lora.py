@@ -94,3 +94,19 @@ def stack_loras(loras: Sequence[LoRA], rows_per_lora: Sequence[int]) -> tuple[Te
 def gathered_lora_delta(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
     """x [n, S, in], A [n, r, in], B [n, out, r] -> [n, S, out]: row i gets B_i A_i x_i."""
     return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
+
+
+def gatherable_kind(effects: Sequence[LinearEffect]) -> str | None:
+    """Which gathered path can apply this group's effects at one linear: "lora" (a plain LoRA),
+    "out" / "in" (an output / input (IA)^3 scale), or None (a stack: apply it alone)."""
+    if len(effects) != 1:
+        return None
+    e = effects[0]
+    if isinstance(e, Scale):
+        return "in" if e.on_input else "out"
+    return "lora" if is_plain_lora(e) else None
+
+
+def stack_scales(scales: Sequence[Scale], rows_per_scale: Sequence[int]) -> Tensor:
+    """-> [n_rows, 1, dim]: each group's vector once per row, to multiply [n_rows, S, dim]."""
+    return torch.cat([s.vector.expand(n, 1, s.vector.shape[-1]) for s, n in zip(scales, rows_per_scale)])
