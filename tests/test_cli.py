@@ -1,5 +1,5 @@
 """`adapter-client` through subprocess against a live server: a whole session on a PEFT LoRA
-made by PEFT itself, exit codes, and the examples of docs/clients.md run as written."""
+made by PEFT itself, exit codes, and the examples of the README's clients section run as written."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.test_client import ADMIN_KEY, PROMPT, USER_KEY, base_hf, decode, make
 from tests.test_server import free_port, greedy_ids, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = ROOT / "docs" / "clients.md"
+README = ROOT / "README.md"
 HELLO = "Hello"  # the CLI sends text; the byte tokenizer makes it PROMPT's ids
 
 
@@ -100,18 +100,25 @@ def test_exit_codes(live, tmp_path):
     assert exit_code(ServerError(500, "boom")) == 1 and exit_code(ConnectionFailed(0, "x")) == 6
 
 
+def clients_section() -> str:
+    """The README's quick-start section for the clients (between its marker comments)."""
+    text = README.read_text()
+    return text[text.index("<!-- clients:start -->") : text.index("<!-- clients:end -->")]
+
+
 def doc_blocks(text: str) -> list[tuple[str, str]]:
     """(language, code) for the runnable fenced blocks of a Markdown page, in order."""
     return [(m[1], m[2]) for m in re.finditer(r"^```(\w+)\n(.*?)^```", text, re.S | re.M) if m[1] in ("bash", "python")]
 
 
 def test_docs_examples_run(live):
-    """Every `bash` / `python` block of docs/clients.md, in order, with the documented URL
+    """Every `bash` / `python` block of the README's clients section, in order, with the documented URL
     pointed at the live server (started with the documented keys)."""
     url, cwd, _, expect_lora = live
-    blocks = doc_blocks(DOCS.read_text())
+    section = clients_section()
+    blocks = doc_blocks(section)
     assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
-    assert "--api-key user-secret --admin-key admin-secret" in DOCS.read_text()
+    assert "--api-key user-secret --admin-key admin-secret" in section
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for key in ("ADAPTER_SERVER_URL", "ADAPTER_SERVER_API_KEY"):
         env.pop(key, None)

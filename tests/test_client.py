@@ -17,7 +17,7 @@ from clients import (AdapterServerClient, AsyncAdapterServerClient, AuthError, B
 from tests.test_server import free_port, greedy_ids, start_server, stop_server
 from tests.tiny import hf_model, save_checkpoint
 
-USER_KEY, ADMIN_KEY = "user-secret", "admin-secret"  # as in docs/clients.md
+USER_KEY, ADMIN_KEY = "user-secret", "admin-secret"  # as in the README quick start
 PROMPT = [72, 101, 108, 108, 111]  # "Hello"
 GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
