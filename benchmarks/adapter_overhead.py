@@ -19,26 +19,13 @@ end-to-end tokens/s, since PEFT's `generate` cannot be split.
 from __future__ import annotations
 
 import copy
-import re
 import tempfile
 from pathlib import Path
 
-import torch
-
-from .common import header, hf_base, hf_generate, make_engine, ours_from, prompts, run_engine, table
+from .common import (LORA_TARGETS, header, hf_base, hf_generate, make_engine, ours_from, prompts, run_engine, table,
+                     randomize as _randomize)
 
 NAME = "adapter_overhead"
-LORA_TARGETS = ["q_proj", "v_proj"]
-
-
-def _randomize(model, pattern: str, scale: float, seed: int, around_one: bool = False) -> None:
-    g = torch.Generator().manual_seed(seed)
-    rx = re.compile(pattern)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if rx.search(name):
-                noise = torch.randn(p.shape, generator=g) * scale
-                p.copy_((1 + noise if around_one else noise).to(p.device))
 
 
 def make_peft_adapters(base, root: Path):

@@ -158,3 +158,116 @@ def table(title: str, columns: list[str], rows: list[list]) -> str:
     out = [f"\n## {title}", line(columns), line(["-" * w for w in widths])]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------- adapters made with PEFT
+LORA_TARGETS = ["q_proj", "v_proj"]
+
+
+def randomize(model, pattern: str, scale: float, seed: int, around_one: bool = False) -> None:
+    """Overwrite every parameter whose name matches `pattern` with seeded noise (default
+    adapter inits equal the base model, which would make every comparison trivial)."""
+    import re
+
+    g = torch.Generator().manual_seed(seed)
+    rx = re.compile(pattern)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if rx.search(name):
+                noise = torch.randn(p.shape, generator=g) * scale
+                p.copy_((1 + noise if around_one else noise).to(p.device))
+
+
+def save_peft_loras(base, root, count: int, seed: int = 100, r: int = 8) -> dict:
+    """`count` randomized PEFT LoRA r=8 (q, v) adapters saved under root/lora/<name>;
+    -> {name: directory}, names lora0..lora{count-1}."""
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS)
+    model = get_peft_model(copy.deepcopy(base), config, adapter_name="lora0")
+    for i in range(1, count):
+        model.add_adapter(f"lora{i}", config)
+    for i in range(count):
+        randomize(model, rf"lora_[AB]\.lora{i}\.", 0.05, seed=seed + i)
+    root = Path(root)
+    model.save_pretrained(root / "lora")
+    return {f"lora{i}": root / "lora" / f"lora{i}" for i in range(count)}  # PEFT puts non-"default" names in subfolders
+
+
+def save_peft_prefix(base, directory, virtual_tokens: int = 16, seed: int = 300):
+    """A randomized PEFT prefix-tuning adapter saved to `directory`."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=virtual_tokens))
+    randomize(model, r"prompt_encoder\.", 0.05, seed=seed)
+    model.save_pretrained(directory)
+    return directory
+
+
+# ---------------------------------------------------------------------- a live server process
+def save_checkpoint(hf, directory):
+    """The transformers model as a local checkpoint the server can load (plus the byte tokenizer)."""
+    from adapter_runtime.tokenizer import build_byte_tokenizer
+
+    hf.save_pretrained(directory)
+    build_byte_tokenizer().save_pretrained(directory)
+    return directory
+
+
+class ServerProcess:
+    """`python -m server serve ...` on a free loopback port; `url` once /health answers.
+    Output goes to a log file (a pipe nobody reads could fill up and stall the server)."""
+
+    def __init__(self, *args: str, log_path, timeout: float = 120.0):
+        import os
+        import socket
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        import httpx
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        root = Path(__file__).resolve().parents[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning",
+                                      *args], cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not answer /health in {timeout} s:\n{self.log_path.read_text()[-4000:]}")
+
+    def stop(self) -> None:
+        import subprocess
+
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def percentile(values, q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100) of a non-empty sequence."""
+    xs = sorted(values)
+    k = (len(xs) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)

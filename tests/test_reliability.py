@@ -146,7 +146,8 @@ def test_limits_answer_with_clear_4xx(tmp_path):
         with httpx.Client(timeout=60) as c1, httpx.Client(timeout=60) as c2:
             with c1.stream("POST", live.url + "/v1/completions", json=long) as s1, \
                     c2.stream("POST", live.url + "/v1/completions", json=long) as s2:
-                next(s1.iter_lines()), next(s2.iter_lines())
+                lines = s1.iter_lines(), s2.iter_lines()  # keep them: a dropped iterator closes its stream
+                assert all(next(it).startswith("data: {") for it in lines)
                 refused({"prompt": "x", "max_tokens": 1}, 429, "max_streams_per_key=2")
         deadline = time.monotonic() + 30  # closed streams are cancelled and give their slots back
         while live.post("/v1/completions", json={"model": EMBEDDED, "prompt": "x", "max_tokens": 1}).status_code == 429:
