@@ -7,7 +7,7 @@ many registered adapters slow decoding down.
      randomized) and uploaded again and again under fresh names: POST /v1/adapters (multipart,
      the directory's files), then at once POST /v1/completions with max_tokens=1 for that
      name. Latency = upload start to the completion's response (its one token). LoRA and
-     prefix uploads alternate. A second table splits `registry.add` (what the server runs
+     prefix uploads alternate with a reference row: the same completion on the base model. A second table splits `registry.add` (what the server runs
      after the multipart body is staged) into its phases, timed in this process.
 
 (ii) Decode throughput with 1 vs 1,024 registered adapters (engine in process, requests go
@@ -36,6 +36,7 @@ from .common import (ServerProcess, header, hf_base, make_engine, ours_from, par
 NAME = "lifecycle"
 REGISTERED = 1024
 CLIENTS = 32
+BASE_ROW = "base model, no upload (reference)"
 
 
 # ---------------------------------------------------------------------- (i) upload to first token
@@ -44,13 +45,15 @@ def dir_files(directory: Path) -> list[tuple[str, bytes]]:
 
 
 def upload_then_complete(client, name: str, files, prompt: list[int]) -> tuple[float, float]:
-    """-> (seconds for the upload, seconds for the max_tokens=1 completion that follows)."""
+    """-> (seconds for the upload, seconds for the max_tokens=1 completion that follows);
+    with no files, only the completion (e.g. for the base model)."""
     t0 = time.perf_counter()
-    r = client.post("/v1/adapters", data={"name": name},
-                    files=[("files", (fname, data, "application/octet-stream")) for fname, data in files])
+    if files:
+        r = client.post("/v1/adapters", data={"name": name},
+                        files=[("files", (fname, data, "application/octet-stream")) for fname, data in files])
+        if r.status_code != 201:
+            raise RuntimeError(f"upload of {name} failed: {r.status_code} {r.text}")
     t1 = time.perf_counter()
-    if r.status_code != 201:
-        raise RuntimeError(f"upload of {name} failed: {r.status_code} {r.text}")
     r = client.post("/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 1, "temperature": 0})
     t2 = time.perf_counter()
     body = r.json()
@@ -66,13 +69,15 @@ def upload_latency(root: Path, hf, sources: dict, n: int) -> str:
     server = ServerProcess("--model", str(ckpt), "--store-dir", str(root / "server-store"), "--max-seq-len", "320",
                            "--device-cache-adapters", "16", log_path=root / "server.log")
     files = {kind: dir_files(d) for kind, d in sources.items()}
+    files[BASE_ROW] = []  # reference: the same completion on the base model, no upload
     prompt = prompts(1, 32, seed=21)[0]
-    samples = {kind: [] for kind in sources}
+    samples = {kind: [] for kind in files}
     try:
         with httpx.Client(base_url=server.url, timeout=120) as client:
             for i in range(-3, n):  # three unrecorded warm-up rounds
-                for kind in sources:
-                    up, first = upload_then_complete(client, f"{kind}-{i + 3}", files[kind], prompt)
+                for kind in files:
+                    name = ckpt.name if kind == BASE_ROW else f"{kind}-{i + 3}"
+                    up, first = upload_then_complete(client, name, files[kind], prompt)
                     if i >= 0:
                         samples[kind].append((up, first))
     finally:
@@ -80,7 +85,7 @@ def upload_latency(root: Path, hf, sources: dict, n: int) -> str:
     rows = []
     for kind, xs in samples.items():
         total = [(u + f) * 1e3 for u, f in xs]
-        rows.append([kind, f"{sum(len(b) for _, b in files[kind]) / 1024:.0f} KiB", len(xs),
+        rows.append([kind, f"{sum(len(b) for _, b in files[kind]) / 1024:.0f} KiB" if files[kind] else "-", len(xs),
                      percentile([u * 1e3 for u, _ in xs], 50), percentile([f * 1e3 for _, f in xs], 50),
                      percentile(total, 50), percentile(total, 99)])
     return table(f"Issue 4 (i): upload to first token over HTTP (live server, loopback), {n} uploads each",
@@ -217,7 +222,7 @@ def registered_throughput(root: Path, loaded, lora_dir: Path, quick: bool) -> st
         names = fill_store(root / "store-1024", loaded.info, lora_dir, REGISTERED)
         fill_store(root / "store-1", loaded.info, lora_dir, 1)
         prompt = prompts(1, 32, seed=31)[0]
-        per_client, reps = (2, 1) if quick else (3, 3)
+        per_client, reps = (2, 1) if quick else (2, 3)
         single = plans_for(None, per_client, 7, "a0000")
         many = plans_for(names, per_client, 7, "a0000")
         closed_loop(engine, fresh_registry(loaded, engine, root / "store-1"), plans_for(None, 1, 3, "a0000"), prompt)

@@ -47,7 +47,7 @@ def run(quick: bool = False) -> str:
             engine.registry.register(name, load_adapter(d, loaded.info, name))
         get = engine.registry.get
         batch = prompts(32, 32, seed=41)
-        max_tokens, reps = (32, 1) if quick else (64, 3)
+        max_tokens, reps = (32, 1) if quick else (48, 3)
         traffic = {"base": [()] * 32, "lora0": [(get("lora0"),)] * 32, "mixed": mixed_setups(get)}
         # (label, traffic, merged?) in the order each repetition runs them
         plan = [("base-only, nothing merged", "base", False), ("lora0 x32, unmerged", "lora0", False),

@@ -147,3 +147,27 @@ def test_settings_from_env_and_flags():
     env = {"ADAPTER_SERVER_PORT": "9001", "ADAPTER_SERVER_MAX_BATCH": "8", "ADAPTER_SERVER_ADAPTERS": "a=/x, b=/y"}
     s = Settings.from_env(env, port=9002, model=None)
     assert (s.port, s.max_batch, s.adapters, s.model) == (9002, 8, (("a", "/x"), ("b", "/y")), None)
+
+
+def test_readme_api_examples(tmp_path):
+    """The README's curl and Python examples, as written, against `serve` with no --model
+    (the embedded default model, which is what `make serve` runs)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("<!-- api:start -->") : text.index("<!-- api:end -->")]
+    blocks = [(m[1], m[2]) for m in re.finditer(r"^```(\w+)\n(.*?)^```", section, re.S | re.M)]
+    assert [lang for lang, _ in blocks] == ["bash", "python"]
+    proc, url = start_server("--store-dir", str(tmp_path / "store"))
+    try:
+        for lang, code in blocks:
+            code = code.replace("http://127.0.0.1:8000", url)
+            cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+            assert r.returncode == 0, f"{lang} example failed:\n{r.stdout}\n{r.stderr}"
+            if lang == "bash":
+                assert '"object":"text_completion"' in r.stdout.replace(" ", "")
+            else:
+                assert r.stdout.strip()
+    finally:
+        stop_server(proc)
