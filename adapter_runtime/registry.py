@@ -25,6 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -110,6 +111,7 @@ class AdapterRegistry:
         self._stored: dict[str, StoredAdapter] = {}  # everything in the store
         self._writing: set[str] = set()  # names being uploaded right now
         self._host, self._device = _Lru(), _Lru()
+        self._loading: dict[str, Future] = {}  # name -> the load in progress (single flight)
         self._pins: Counter[str] = Counter()
         self._served: Counter[str] = Counter()
         self.store: AdapterStore | None = None
@@ -191,32 +193,47 @@ class AdapterRegistry:
         return AdapterNotFound(f"model or adapter {name!r} not found; available: {shown}")
 
     def get(self, name: str, pin: bool = False) -> Adapter:
-        """The adapter on the model's device, loaded from host or disk if needed."""
-        with self._lock:
-            found = self._static.get(name) or self._device.get(name)
-            meta = self._stored.get(name)
-            if found is None and meta is None:
-                raise self._not_found(name)
-            if found is not None:
+        """The adapter on the model's device, loaded from host or disk if needed. Concurrent
+        requests for the same uncached adapter load it once: the others wait for that load."""
+        while True:
+            with self._lock:
+                found = self._static.get(name) or self._device.get(name)
+                meta = self._stored.get(name)
+                if found is None and meta is None:
+                    raise self._not_found(name)
+                if found is not None:
+                    self._pins.update([name] * pin)
+                    self._observe("hit", "device")
+                    return found
+                pending = self._loading.get(name)
+                if pending is None:  # this thread loads it
+                    pending = self._loading[name] = Future()
+                    host = self._host.get(name)
+                    break
+            pending.result()  # another thread is loading it (re-raises its error); look again
+        try:
+            self._observe("miss", "device")
+            self._observe("hit" if host is not None else "miss", "host")
+            source, start = ("host" if host is not None else "disk"), time.perf_counter()
+            if host is None:
+                host = self.store.load(meta)  # disk -> CPU fp32, outside the lock
+            on_device = host.to(self.device, self.dtype)
+            self._observe("load", source, time.perf_counter() - start)
+            with self._lock:
+                self._loading.pop(name, None)
+                if self._stored.get(name) is not meta:  # deleted (or replaced) while loading
+                    raise self._not_found(name)
+                self._host.put(name, host)
+                found = self._device.put(name, on_device)
                 self._pins.update([name] * pin)
-                self._observe("hit", "device")
-                return found
-            host = self._host.get(name)
-        self._observe("miss", "device")
-        self._observe("hit" if host is not None else "miss", "host")
-        source, start = ("host" if host is not None else "disk"), time.perf_counter()
-        if host is None:
-            host = self.store.load(meta)  # disk -> CPU fp32, outside the lock
-        on_device = host.to(self.device, self.dtype)
-        self._observe("load", source, time.perf_counter() - start)
-        with self._lock:
-            if self._stored.get(name) is not meta:  # deleted (or replaced) while loading
-                raise self._not_found(name)
-            self._host.put(name, host)
-            found = self._device.put(name, on_device)
-            self._pins.update([name] * pin)
-            self._evict()
-            return found
+                self._evict()
+        except BaseException as e:
+            with self._lock:
+                self._loading.pop(name, None)
+            pending.set_exception(e)
+            raise
+        pending.set_result(None)
+        return found
 
     def _observe(self, event: str, tier: str, seconds: float = 0.0) -> None:
         if self.observer is None:

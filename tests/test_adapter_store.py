@@ -427,3 +427,38 @@ def test_without_keys_the_server_binds_to_localhost_and_says_so(caplog):
     assert bind_host(Settings(host="0.0.0.0", admin_key="k")).host == "0.0.0.0"
     s = Settings.from_env({"ADAPTER_SERVER_MAX_UPLOAD_BYTES": "5", "ADAPTER_SERVER_ADMIN_KEY": "x"})
     assert (s.max_upload_bytes, s.admin_key, s.device_cache_adapters, s.max_lora_rank) == (5, "x", 16, 256)
+
+
+def test_concurrent_requests_for_an_uncached_adapter_load_it_once(oracle, tmp_path):
+    import threading
+    import time as _time
+
+    from adapter_runtime.models import load_model
+    from adapter_runtime.registry import AdapterRegistry, CacheLimits
+    from adapter_runtime.store import AdapterStore
+
+    info = load_model(save_checkpoint(hf_model("llama"), tmp_path / "ckpt")).info
+    store = AdapterStore(tmp_path / "store", info)
+    reg = AdapterRegistry("base", store=store, limits=CacheLimits(device_adapters=2, host_bytes=0))
+    reg.add("a0", oracle[0] / "set0")
+    reg.add("a1", oracle[0] / "set1")
+    reg.add("a2", oracle[0] / "set2")  # a0 is now off the device and the host
+    loads = []
+    real_load = store.load
+
+    def slow_load(meta):
+        loads.append(meta.name)
+        _time.sleep(0.2)  # long enough for every thread to ask while the first one loads
+        return real_load(meta)
+
+    store.load = slow_load
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(reg.acquire("a0"))) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert loads == ["a0"] and len(got) == 6 and all(setup[0] is got[0][0] for setup in got)
+    assert reg.stats()["pinned"] == 1
+    for setup in got:
+        reg.release(setup)
