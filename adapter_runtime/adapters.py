@@ -133,6 +133,18 @@ class Prompt:
         return int(self.embeddings.shape[0])
 
 
+@dataclass(frozen=True)
+class LMHead:
+    """A flex causal-LM head saved with an AdapterHub `*AdapterModel` adapter. Its last layer
+    is tied to the base embeddings; what the adapter adds is the layers before it, the
+    projection's own bias, and the inverse of the setup's invertible adapter (reference §3.3):
+        z = layers(ln_f(h));  z = NICE^-1(z);  logits = z @ E.T + bias
+    `layers`: ("linear", weight [E, H], bias [E]) | ("act", name) | ("ln", weight, bias, eps)."""
+
+    layers: tuple
+    bias: Tensor | None  # [V]
+
+
 # --------------------------------------------------------------------------- the adapter
 
 
@@ -147,6 +159,7 @@ class Adapter:
     invertible: Invertible | None = None
     prefix: Prefix | None = None
     prompt: Prompt | None = None
+    head: LMHead | None = None
 
     @property
     def tensors(self) -> list[Tensor]:

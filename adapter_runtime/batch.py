@@ -15,6 +15,7 @@ from torch import Tensor
 
 from .adapters import Adapter, LinearEffect, Scale
 from .methods import bottleneck as bottleneck_math
+from .methods import head as head_math
 from .methods import invertible as invertible_math
 from .methods import lora as linear_math
 
@@ -187,6 +188,22 @@ class AdapterBatch:
                 rows = g.rows if not g.all_rows else torch.arange(h.shape[0], device=h.device)
                 h[rows, : prompt.shape[0]] = prompt.to(h.dtype)
         return h
+
+    def logits(self, h: Tensor, project: Callable[[Tensor], Tensor]) -> Tensor:
+        """project(h) [.., V]; rows whose setup carries a flex LM head (the last adapter that
+        has one) first go through its layers and, if the setup's first adapter is invertible,
+        the NICE inverse, and get the head's bias added (AdapterHub flex-head models)."""
+        heads = [(g, head) for g in self.groups if (head := next((a.head for a in reversed(g.setup) if a.head), None))]
+        for g, head in heads:
+            z = head_math.transform(head, g.take(h))
+            if (inv := g.setup[0].invertible) is not None:
+                z = invertible_math.inverse(inv, z)
+            h = g.put(h, z)
+        logits = project(h)
+        for g, head in heads:
+            if head.bias is not None:
+                logits = g.put(logits, g.take(logits) + head.bias)
+        return logits
 
     def embeddings(self, h: Tensor) -> Tensor:
         """Invertible (NICE) adapter of each setup's first adapter, on the embedding output."""

@@ -28,6 +28,7 @@ from pathlib import Path
 from .adapters import Adapter
 from .errors import AdapterConflict, AdapterFormatError, AdapterNotFound, AdapterUnsupported, InvalidRequest
 from .formats import detect_format, load_adapter, read_json, read_tensors
+from .formats.adapterhub import HEAD_WEIGHT_FILES, eject_prefix, is_flex_model
 from .models.common import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,6 @@ def normalize(src: Path, dst: Path, format: str | None, info: ModelInfo) -> str:
     config = read_json(src / "adapter_config.json")
     tensors = read_tensors(src, accepted)  # safetensors, or weights_only torch.load: never a code pickle
     if format == "adapterhub":
-        from .formats.adapterhub import eject_prefix
 
         adapter = load_adapter(src, info, None, format)  # validates; evaluates a prefix MLP once
         config, tensors = eject_prefix(config, tensors, adapter.prefix)
@@ -129,6 +129,11 @@ def normalize(src: Path, dst: Path, format: str | None, info: ModelInfo) -> str:
 
     (dst / "adapter_config.json").write_text(json.dumps(config, indent=2))
     save_file(tensors, str(dst / target), metadata={"format": "pt"})
+    if format == "adapterhub" and is_flex_model(config) and (src / "head_config.json").is_file():
+        # a flex-model adapter's own causal-LM head: kept (HF classes' head files are dropped)
+        head = read_tensors(src, HEAD_WEIGHT_FILES)
+        (dst / "head_config.json").write_text(json.dumps(read_json(src / "head_config.json"), indent=2))
+        save_file({k: v.contiguous() for k, v in head.items()}, str(dst / HEAD_WEIGHT_FILES[0]), metadata={"format": "pt"})
     return format
 
 

@@ -455,3 +455,39 @@ def test_legacy_config_fixes(saved_gpt2, tmp_path):
     old = load_adapter(broken_copy(dirs["l"], tmp_path / "b", lambda m: m.update(version="adapters.1.0.1")), ours_l.info)
     assert all(e.scale == 1.0 for e in old.linear.values())
     assert all(e.scale == 4.0 for e in load_adapter(dirs["l"], ours_l.info).linear.values())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_flex_head_model_applies_the_inverse_before_its_head(kind, tmp_path):
+    """A MAD-X language adapter trained in a flex-head `*AdapterModel` with a causal-LM head:
+    the library applies the head's layers, then the NICE inverse, then the tied projection with
+    the head's bias. Ours must match, and the store must keep the head."""
+    from adapters import AutoAdapterModel
+
+    from adapter_runtime.store import AdapterStore
+
+    plain = hf_model(kind)
+    ours = ours_from(plain)
+    flex = AutoAdapterModel.from_config(copy.deepcopy(plain.config))
+    base_state = {k.removeprefix("transformer.").removeprefix("model."): v for k, v in plain.state_dict().items()}
+    flex.base_model.load_state_dict({k: v for k, v in base_state.items() if not k.startswith("lm_head")}, strict=False)
+    flex.add_adapter("inv", config=SeqBnInvConfig(reduction_factor=16))
+    flex.add_causal_lm_head("inv")  # 2 layers: Linear, gelu, LayerNorm, then the tied projection (+ bias)
+    randomize_adapter(flex, "inv", 0.5)  # the adapter and its head's layers and bias ...
+    with torch.no_grad():  # ... but not the projection weight: it is the base's embedding matrix
+        flex.get_output_embeddings().weight.copy_(plain.get_output_embeddings().weight)
+    flex.set_active_adapters("inv")
+    flex.active_head = "inv"
+    flex.eval()
+    ids = random_ids(BATCH, SEQ)
+    with torch.no_grad():
+        lib = flex(ids, use_cache=False).logits
+    flex.save_adapter(str(tmp_path / "inv"), "inv")
+    adapter = load_adapter(tmp_path / "inv", ours.info)
+    assert adapter.head is not None and adapter.invertible is not None
+    base = our_logits(ours, ids, ())
+    assert_close(lib, our_logits(ours, ids, (adapter,)), base)
+
+    store = AdapterStore(tmp_path / "store", ours.info)  # the store keeps the head
+    store.add("inv", tmp_path / "inv")
+    assert_close(lib, our_logits(ours, ids, (load_adapter(store.path("inv"), ours.info),)), base)

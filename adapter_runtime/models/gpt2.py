@@ -135,4 +135,4 @@ class GPT2LMHeadModel(nn.Module):
         for block in t.h:
             h = block(h, batch, cache)
         h = t.ln_f(h if batch.all_logits else last_token_hidden(h, batch))
-        return self.lm_head(h)
+        return ad.logits(h, self.lm_head)  # flex LM heads of AdapterHub adapters

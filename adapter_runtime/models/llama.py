@@ -189,4 +189,4 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             h = layer(h, rope, batch, cache)
         h = self.model.norm(h if batch.all_logits else last_token_hidden(h, batch))
-        return self.lm_head(h)
+        return ad.logits(h, self.lm_head)  # flex LM heads of AdapterHub adapters
