@@ -226,7 +226,7 @@ class Engine:
         self.hooks = hooks
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        self._decode_adapters: tuple | None = None  # (row key, merge state, AdapterBatch) of the last decode
+        self._decode_adapters: tuple | None = None  # (row key, merge state, AdapterBatch, prefix_hidden) of the last decode
         self._merge: merge_ops.MergeRecord | None = None
         self._commands: deque[tuple] = deque()  # (fn, Future) to run between two steps
 
@@ -442,7 +442,8 @@ class Engine:
         key = tuple((r.slot, tuple(id(a) for a in r.request.setup)) for r in rows)
         memo = self._decode_adapters
         if memo is None or memo[0] != key or memo[1] is not self._merge:
-            memo = self._decode_adapters = (key, self._merge, self._adapter_batch(setups, [1] * B, [False] * B, 1))
+            memo = self._decode_adapters = (key, self._merge, self._adapter_batch(setups, [1] * B, [False] * B, 1),
+                                            self._prefix_hidden(setups))
         batch = ForwardBatch.build(
             [[r.last] for r in rows],
             [r.layout.positions(r.cached, 1) for r in rows],
@@ -450,7 +451,7 @@ class Engine:
             [r.layout.prefix_len + r.cached for r in rows],
             self.device,
             adapters=memo[2],
-            prefix_hidden=self._prefix_hidden(setups),
+            prefix_hidden=memo[3],
         )
         logits = self.model(batch, self.cache)[:, -1].float()  # [B, V]
         for r in rows:

@@ -64,13 +64,20 @@ def write_prefixes(cache: KVCache, slot: int, setup: Setup, num_layers: int) -> 
             cache.write_prefix(slot, layer, *kv)
 
 
+def prefix_len_at(setup: Setup, layer: int) -> int:
+    """How many prefix entries the setup has at `layer` (prefixes may leave layers out)."""
+    return sum(a.prefix.length for a in setup if a.prefix is not None and layer in a.prefix.keys)
+
+
 def hidden_prefix_ranges(setups: Sequence[Setup], num_layers: int, device) -> dict[int, tuple[Tensor, Tensor]]:
     """Per layer where some row's prefixes are shorter than its total prefix (a prefix with
     `leave_out`): the cache index range [lo, hi) that rows must not see there, [B] each."""
     totals = [row_layout(s).prefix_len for s in setups]
+    if not any(totals):
+        return {}
     hidden = {}
     for layer in range(num_layers):
-        present = [0 if (kv := prefix_kv(s, layer)) is None else kv[0].shape[1] for s in setups]
+        present = [prefix_len_at(s, layer) for s in setups]
         if present != totals:
             hidden[layer] = (torch.tensor(present, device=device), torch.tensor(totals, device=device))
     return hidden

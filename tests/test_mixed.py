@@ -33,6 +33,7 @@ CASES = {
     "hub-compacter++": ("hub", lambda: CompacterPlusPlusConfig()),
     "hub-invertible": ("hub", lambda: SeqBnInvConfig(reduction_factor=16)),
     "hub-prefix": ("hub", lambda: HubPrefix(prefix_length=5, bottleneck_size=32)),
+    "hub-prefix-leave-out": ("hub", lambda: HubPrefix(prefix_length=4, bottleneck_size=32, leave_out=[1])),
     "hub-lora": ("hub", lambda: HubLoRA(r=4, alpha=8, intermediate_lora=True)),
     "hub-ia3": ("hub", lambda: HubIA3()),
 }
