@@ -31,7 +31,8 @@ from concurrent.futures import Future
 from . import layout, sampling
 from . import merge as merge_ops
 from .batch import ForwardBatch, Setup, build_adapter_batch
-from .errors import AdapterConflict, AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest
+from .errors import (AdapterConflict, AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest,
+                     ModelLoadError)
 from .models import LoadedModel
 from .models.common import KVCache
 from .registry import AdapterRegistry
@@ -216,7 +217,7 @@ class Engine:
         self.config = config
         cap = min(self.info.max_positions, config.default_max_seq_len)
         self.max_seq_len = min(config.max_seq_len or cap, self.info.max_positions)
-        self.cache = KVCache(self.info, config.max_batch, self.max_seq_len, self.dtype, self.device)
+        self.cache = self._allocate_cache()
         self._free = list(range(config.max_batch))  # heap: always take the lowest free slot
         self._running: list[_Running] = []
         self._waiting: deque[RequestHandle] = deque()
@@ -229,6 +230,21 @@ class Engine:
         self._decode_adapters: tuple | None = None  # (row key, merge state, AdapterBatch, prefix_hidden) of the last decode
         self._merge: merge_ops.MergeRecord | None = None
         self._commands: deque[tuple] = deque()  # (fn, Future) to run between two steps
+
+    def _allocate_cache(self) -> KVCache:
+        """The KV cache is sized up front (max_batch x max_seq_len entries): say how big it is,
+        and turn an out-of-memory into an error that names the two knobs."""
+        per_token = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim * self.dtype.itemsize
+        need = per_token * self.config.max_batch * self.max_seq_len
+        log.info("KV cache: %d slots x %d tokens = %.1f MiB on %s", self.config.max_batch, self.max_seq_len,
+                 need / 2**20, self.device)
+        try:
+            return KVCache(self.info, self.config.max_batch, self.max_seq_len, self.dtype, self.device)
+        except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
+            raise ModelLoadError(
+                f"cannot allocate the KV cache ({need / 2**30:.1f} GiB for {self.config.max_batch} slots x "
+                f"{self.max_seq_len} tokens on {self.device}): lower --max-batch or --max-seq-len ({e})"
+            ) from None
 
     # ------------------------------------------------------------------ public API
     @property
