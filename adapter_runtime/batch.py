@@ -91,8 +91,9 @@ class AdapterBatch:
             y = rows.put(y, linear_math.apply_output(rows.take(x_in), rows.take(y), [undo], None))
         if loras is not None:
             rows, A, B = loras
+            # rows are distinct: a gather and a put beat index_add_ (a slow scatter on CPU)
             y = y + linear_math.gathered_lora_delta(x, A, B) if rows is None else \
-                y.index_add_(0, rows, linear_math.gathered_lora_delta(x[rows], A, B))
+                _scatter(y, rows, y[rows] + linear_math.gathered_lora_delta(x[rows], A, B), None)
         if out_scales is not None:
             rows, vectors = out_scales
             y = y * vectors if rows is None else _scatter(y, rows, y[rows] * vectors, None)
