@@ -30,6 +30,8 @@ class LoRA:
 
     With `gate` (AdapterHub gated LoRA, UniPELT) the scale is replaced, per row and per output
     block, by mean_over_tokens(sigmoid(x @ gate_weight.T + gate_bias)).
+    With `magnitude` (PEFT DoRA) the output is renormalized per output row:
+    y = m / ||W + scale B A||_row * (x W.T + scale (x A.T) B.T) + b   (methods/lora.py).
     """
 
     A: Tensor  # [r, in]
@@ -38,6 +40,7 @@ class LoRA:
     bias: Tensor | None = None  # [out]  PEFT lora_bias (scaled by `scale` too)
     gate_weight: Tensor | None = None  # [blocks, in]  output split into `blocks` equal parts
     gate_bias: Tensor | None = None  # [blocks]
+    magnitude: Tensor | None = None  # [out]  DoRA's lora_magnitude_vector
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .adapters import Adapter, LinearEffect, Scale
+from .adapters import Adapter, LinearEffect, LoRA, Scale
 from .methods import bottleneck as bottleneck_math
 from .methods import head as head_math
 from .methods import invertible as invertible_math
@@ -98,8 +98,25 @@ class AdapterBatch:
             rows, vectors = out_scales
             y = y * vectors if rows is None else _scatter(y, rows, y[rows] * vectors, None)
         for g, effects in rest:
-            y = g.put(y, linear_math.apply_output(g.take(x), g.take(y), effects, g.token_mask))
+            if isinstance(dora := effects[0], LoRA) and dora.magnitude is not None:  # alone: stacks refuse PEFT
+                ratio, bias = self._dora_ratio(layer, module, base, dora, undo)
+                y = g.put(y, linear_math.dora_output(g.take(x), g.take(y), dora, ratio, bias))
+            else:
+                y = g.put(y, linear_math.apply_output(g.take(x), g.take(y), effects, g.token_mask))
         return y
+
+    def _dora_ratio(self, layer: int, module: str, base, dora: LoRA, undo: LinearEffect | None):
+        """DoRA's per-row factor from the *original* base weight (a merged adapter's delta is
+        taken back out first), once per batch composition."""
+        key = ("dora", layer, module, id(dora))
+        if key not in self._plans:
+            weight, bias = base.weight, base.bias
+            if undo is not None:
+                from .methods.merge import merged_weights
+
+                weight, bias = merged_weights(undo, weight, bias)
+            self._plans[key] = (linear_math.dora_ratio(dora, weight), bias)
+        return self._plans[key]
 
     def _linear_plan(self, layer: int, module: str):
         """None if no row has an effect here, else (loras, out_scales, in_scales, rest):

@@ -34,6 +34,10 @@ def make(kind: str, case: str, directory):
     if case == "peft-lora":
         targets = ["c_attn", "mlp.c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
         return peft_adapter(kind, LoraConfig(r=4, lora_alpha=8, target_modules=targets), directory)[0]
+    if case == "peft-dora":  # not mergeable itself, but its per-row norm must ignore a merged delta
+        targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"]
+        return peft_adapter(kind, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets), directory,
+                            seed=11)[0]
     if case == "peft-ia3":  # feed-forward modules scale their input
         return peft_adapter(kind, IA3Config(), directory, ia3=True)[0]
     if case == "hub-lora":
@@ -120,13 +124,13 @@ def test_merge_and_reset_while_streams_run(bases, tmp_path):
     every completion equals the one it gives alone, with nothing merged."""
     lm = bases["llama"]
     engine = Engine(lm, config=EngineConfig(max_batch=16, max_seq_len=64))
-    for name, case in (("lora", "peft-lora"), ("ia3", "peft-ia3"), ("union", "hub-union")):
+    for name, case in (("lora", "peft-lora"), ("ia3", "peft-ia3"), ("union", "hub-union"), ("dora", "peft-dora")):
         engine.registry.register(name, load_adapter(make("llama", case, tmp_path / name), lm.info, name))
-    names = ["lora", "ia3", "union", None]
+    names = ["lora", "ia3", "union", "dora", None]
     prompts = random_ids(16, 6, seed=9).tolist()
 
     def request(i):
-        setup = () if names[i % 4] is None else engine.registry.resolve(names[i % 4])
+        setup = () if names[i % 5] is None else engine.registry.resolve(names[i % 5])
         return Request(tuple(prompts[i]), SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True), setup)
 
     with engine:

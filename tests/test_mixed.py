@@ -24,6 +24,7 @@ STEPS = 8
 
 CASES = {
     "peft-lora": ("peft", lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"])),
+    "peft-dora": ("peft", lambda: LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "down_proj"])),
     "peft-ia3": ("peft", lambda: IA3Config()),
     "peft-prompt": ("peft", lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
     "peft-prefix": ("peft", lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),

@@ -200,9 +200,17 @@ def test_refuses_pissa(bases, tmp_path):
     refused("llama", bases, make_adapter("llama", config, tmp_path), AdapterUnsupported, "pissa")
 
 
-def test_refuses_dora(bases, tmp_path):
-    config = LoraConfig(task_type="CAUSAL_LM", use_dora=True)
-    refused("llama", bases, make_adapter("llama", config, tmp_path), AdapterUnsupported, "use_dora", "DoRA")
+@pytest.mark.parametrize("kind", KINDS)
+def test_dora(kind, bases, tmp_path):
+    """DoRA renormalizes each output row of W + s B A by the saved magnitude; rows of other
+    adapters in the same batch are unaffected. It cannot be merged (409 at the server)."""
+    from adapter_runtime.merge import why_not_mergeable
+
+    targets = ["c_attn", "mlp.c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True, target_modules=targets)
+    directory = make_adapter(kind, config, tmp_path)
+    check_logits(kind, bases, directory)
+    assert "DoRA" in why_not_mergeable(load_adapter(directory, bases[kind][1].info, "dora"))
 
 
 def test_refuses_loha(bases, tmp_path):

@@ -38,11 +38,10 @@ SUPPORTED = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "P_
 BLOCK_PREFIX = {"gpt2": "transformer.h.", "llama": "model.layers."}
 
 # adapter parameters per peft_type: key suffix after the module path
-ADAPTER_PARAMS = {"LORA": ("lora_A.weight", "lora_B.weight", "lora_B.bias"), "IA3": ("ia3_l",)}
+ADAPTER_PARAMS = {"LORA": ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"), "IA3": ("ia3_l",)}
 
 # parameter names of methods/variants we do not implement, to name them in the error
 FOREIGN_PARAMS = {
-    "lora_magnitude_vector": "DoRA (use_dora)",
     "lora_embedding_A": "LoRA on an embedding layer",
     "lora_embedding_B": "LoRA on an embedding layer",
     "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "vera_lambda_b": "VeRA",
@@ -53,7 +52,7 @@ FOREIGN_PARAMS = {
 BASE_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica")
 
 # LoRA variants with a different forward; any non-null/true value is refused
-LORA_VARIANT_FLAGS = ("use_dora", "alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
+LORA_VARIANT_FLAGS = ("alora_invocation_tokens", "arrow_config", "use_bdlora", "velora_config",
                       "monteclora_config", "kasa_config", "use_qalora")
 
 
@@ -128,10 +127,8 @@ def check_injected_options(peft_type: str, config: dict) -> None:
         raise AdapterUnsupported("target_parameters (LoRA on raw parameters) is not supported")
     if peft_type != "LORA":
         return
-    if config.get("use_dora"):
-        raise AdapterUnsupported(
-            "use_dora=true (DoRA) is not supported yet: its output renormalizes W + s*B*A per output row, "
-            "which needs the base weights at every site (it could be implemented later)")
+    if config.get("use_dora") and config.get("lora_bias"):
+        raise AdapterUnsupported("use_dora together with lora_bias is not supported")
     for flag in LORA_VARIANT_FLAGS:
         if config.get(flag):
             raise AdapterUnsupported(f"LoRA variant option {flag}={config[flag]!r} is not supported")
@@ -225,7 +222,13 @@ def lora_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], co
     if config_r != r:
         raise AdapterFormatError(f"tensor {path}.lora_A.weight has rank {r}, adapter_config.json says r={config_r}")
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return LoRA(A=A.contiguous(), B=B.contiguous(), scale=float(scale), bias=bias)
+    magnitude = params.get("lora_magnitude_vector")  # DoRA: per-output-row magnitude (peft §2.6)
+    if bool(config.get("use_dora")) != (magnitude is not None):
+        raise AdapterFormatError(f"module {path}: use_dora={config.get('use_dora')!r} but lora_magnitude_vector is "
+                                 f"{'present' if magnitude is not None else 'missing'}")
+    if magnitude is not None:
+        magnitude = expect_shape(f"{path}.lora_magnitude_vector", magnitude, (fan_out,)).contiguous()
+    return LoRA(A=A.contiguous(), B=B.contiguous(), scale=float(scale), bias=bias, magnitude=magnitude)
 
 
 def ia3_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], config: dict) -> Scale:

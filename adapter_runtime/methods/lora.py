@@ -75,7 +75,7 @@ def apply_output(x: Tensor, y: Tensor, effects: Sequence[LinearEffect], token_ma
 
 
 def is_plain_lora(e: LinearEffect) -> bool:
-    return isinstance(e, LoRA) and e.gate_weight is None and e.bias is None
+    return isinstance(e, LoRA) and e.gate_weight is None and e.bias is None and e.magnitude is None
 
 
 def stack_loras(loras: Sequence[LoRA], rows_per_lora: Sequence[int]) -> tuple[Tensor, Tensor]:
@@ -110,3 +110,21 @@ def gatherable_kind(effects: Sequence[LinearEffect]) -> str | None:
 def stack_scales(scales: Sequence[Scale], rows_per_scale: Sequence[int]) -> Tensor:
     """-> [n_rows, 1, dim]: each group's vector once per row, to multiply [n_rows, S, dim]."""
     return torch.cat([s.vector.expand(n, 1, s.vector.shape[-1]) for s, n in zip(scales, rows_per_scale)])
+
+
+# --------------------------------------------------------------------------- DoRA
+# PEFT DoRA (reference peft §2.6): the norm of each output row of W + s B A is taken from the
+# base weight, so it is computed where the base linear is known (the batch memoizes it).
+
+
+def dora_ratio(lora: LoRA, weight: Tensor) -> Tensor:
+    """m / ||W + s B A||_row -> [out], from the base weight [out, in]."""
+    V = weight.float() + lora.scale * (lora.B.float() @ lora.A.float())
+    return (lora.magnitude.float() / V.norm(dim=1)).to(weight.dtype)
+
+
+def dora_output(x: Tensor, y: Tensor, lora: LoRA, ratio: Tensor, base_bias: Tensor | None) -> Tensor:
+    """y = base(x) (bias b included) -> ratio * (y - b + s (x A.T) B.T) + b."""
+    y_nobias = y - base_bias if base_bias is not None else y
+    out = ratio * (y_nobias + lora_delta(lora, x, x, None))
+    return out + base_bias if base_bias is not None else out

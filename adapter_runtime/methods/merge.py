@@ -25,6 +25,9 @@ MIN_ABS_SCALE = 1e-6  # a merged IA3 vector must be invertible for the other row
 
 
 def check_mergeable(effect: LinearEffect, site: str) -> None:
+    if isinstance(effect, LoRA) and effect.magnitude is not None:
+        raise AdapterConflict(f"DoRA at {site} cannot be merged here yet: its per-row norm would have to be "
+                              "undone for every other request")
     if isinstance(effect, LoRA) and effect.gate_weight is not None:
         raise AdapterConflict(f"gated LoRA at {site} cannot be merged: its scale depends on each request's tokens")
     if isinstance(effect, Scale) and bool((effect.vector.abs() < MIN_ABS_SCALE).any()):
