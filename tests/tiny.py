@@ -54,15 +54,6 @@ def save_checkpoint(model, directory: Path) -> Path:
     return directory
 
 
-def randomize_(module, scale: float = 0.1, seed: int = 1) -> None:
-    """Give every parameter whose name matches an adapter a random value (default inits make
-    adapters equal the base model, and any comparison would pass)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB - 1, (batch, length), generator=g)
