@@ -13,6 +13,7 @@ import torch
 from adapter_runtime.engine import Engine, EngineConfig, Request
 from adapter_runtime.models import LoadedModel, build_model
 from adapter_runtime.sampling import SamplingParams
+from tests.live import ServerProcess  # noqa: F401  (the server process helper, shared with the tests)
 
 SEED = 0
 VOCAB = 32000
@@ -214,54 +215,6 @@ def save_checkpoint(hf, directory):
     hf.save_pretrained(directory)
     build_byte_tokenizer().save_pretrained(directory)
     return directory
-
-
-class ServerProcess:
-    """`python -m server serve ...` on a free loopback port; `url` once /health answers.
-    Output goes to a log file (a pipe nobody reads could fill up and stall the server)."""
-
-    def __init__(self, *args: str, log_path, timeout: float = 120.0):
-        import os
-        import socket
-        import subprocess
-        import sys
-        from pathlib import Path
-
-        import httpx
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(log_path)
-        self._log = open(self.log_path, "w")
-        root = Path(__file__).resolve().parents[1]
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning",
-                                      *args], cwd=root, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not answer /health in {timeout} s:\n{self.log_path.read_text()[-4000:]}")
-
-    def stop(self) -> None:
-        import subprocess
-
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
 
 
 def percentile(values, q: float) -> float:

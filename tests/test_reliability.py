@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_server import ROOT, free_port
+from tests.live import ServerProcess
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig  # noqa: E402
@@ -36,23 +36,8 @@ class Live:
 
     def __init__(self, tmp: Path, *args: str, timeout: float = 90.0):
         self.log = tmp / f"server-{time.monotonic_ns()}.log"
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), *args],
-                                         cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=out,
-                                         stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"server exited:\n{self.log.read_text()}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.proc.kill()
-        raise RuntimeError(f"server did not start:\n{self.log.read_text()}")
+        self.server = ServerProcess(*args, log_path=self.log, timeout=timeout, log_level=None)
+        self.proc, self.url = self.server.proc, self.server.url
 
     def post(self, path: str, **kw) -> httpx.Response:
         return httpx.post(self.url + path, timeout=60, **kw)
@@ -67,13 +52,7 @@ class Live:
                 for family in text_string_to_metric_families(text) for s in family.samples}
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+        return self.server.stop()
 
 
 def text_of(ids: list[int]) -> str:

@@ -15,36 +15,15 @@ import openai
 import pytest
 import torch
 
+from tests.live import ROOT, ServerProcess, free_port  # noqa: F401  (re-exported for other tests)
 from tests.tiny import hf_model, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(*args: str, timeout: float = 90.0):
     """(process, base url) once /health answers."""
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--port", str(port), "--log-level", "warning", *args],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}:\n{proc.stdout.read()}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"server did not start in {timeout} s:\n{proc.stdout.read()}")
+    server = ServerProcess(*args, timeout=timeout)
+    return server.proc, server.url
 
 
 def stop_server(proc) -> None:
