@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters import Bottleneck
-from .lora import token_mean
+from .lora import per_row, token_mean
 
 LN_EPS = 1e-5  # adapter LayerNorms are nn.LayerNorm(H) with the default eps, on Llama too
 
@@ -117,24 +117,26 @@ def is_plain_sequential(a: Bottleneck) -> bool:
 
 def stack_sequential(adapters: Sequence[Bottleneck], rows_per_adapter: Sequence[int]) -> StackedSequential:
     d_max = max(a.down_weight.shape[0] for a in adapters)
-    cols: list[list[Tensor]] = [[] for _ in StackedSequential._fields]
-    for a, n in zip(adapters, rows_per_adapter):
-        d, H = a.down_weight.shape
-        pad = d_max - d
-        like = a.down_weight
-        parts = (
-            F.pad(a.down_weight, (0, 0, 0, pad)),
-            F.pad(a.down_bias if a.down_bias is not None else like.new_zeros(d), (0, pad))[None],
-            F.pad(a.up_weight, (0, pad)),
-            (a.up_bias if a.up_bias is not None else like.new_zeros(H))[None],
-            like.new_full((1, 1), a.scaling),
-            like.new_full((1, 1), float(a.original_ln_before)),
-            like.new_full((1, 1), float(a.residual_before_ln is True)),
-            like.new_full((1, 1), float(a.original_ln_after)),
-        )
-        for col, t in zip(cols, parts):
-            col.append(t.expand(n, *t.shape))
-    return StackedSequential(*(torch.cat(col) for col in cols))
+    like = adapters[0].down_weight
+
+    def stacked(tensors) -> Tensor:  # [groups, ...] -> [rows, ...]
+        return per_row(torch.stack(list(tensors)), rows_per_adapter)
+
+    def flags(values) -> Tensor:  # one float per adapter -> [rows, 1, 1]
+        return stacked(like.new_tensor([float(v) for v in values])[:, None, None])
+
+    return StackedSequential(
+        down=stacked(F.pad(a.down_weight, (0, 0, 0, d_max - a.down_weight.shape[0])) for a in adapters),
+        down_bias=stacked(F.pad(a.down_bias if a.down_bias is not None else like.new_zeros(a.down_weight.shape[0]),
+                                (0, d_max - a.down_weight.shape[0]))[None] for a in adapters),
+        up=stacked(F.pad(a.up_weight, (0, d_max - a.up_weight.shape[1])) for a in adapters),
+        up_bias=stacked((a.up_bias if a.up_bias is not None else like.new_zeros(a.up_weight.shape[0]))[None]
+                        for a in adapters),
+        scaling=flags(a.scaling for a in adapters),
+        add_r_before=flags(a.original_ln_before for a in adapters),
+        residual_is_s=flags(a.residual_before_ln is True for a in adapters),
+        add_r_after=flags(a.original_ln_after for a in adapters),
+    )
 
 
 def gathered_sequential(w: StackedSequential, activation_name: str, s: Tensor, r: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters import LoRA, LinearEffect, Scale
@@ -78,17 +79,20 @@ def is_plain_lora(e: LinearEffect) -> bool:
     return isinstance(e, LoRA) and e.gate_weight is None and e.bias is None and e.magnitude is None
 
 
+def per_row(stacked: Tensor, rows_per_group: Sequence[int]) -> Tensor:
+    """[groups, ...] -> [rows, ...]: each group's entry repeated for its rows (one gather)."""
+    counts = torch.tensor(list(rows_per_group), device=stacked.device)
+    return stacked[torch.repeat_interleave(torch.arange(len(counts), device=stacked.device), counts)]
+
+
 def stack_loras(loras: Sequence[LoRA], rows_per_lora: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """-> A [n_rows, r_max, in], B [n_rows, out, r_max] with B scaled; row order = loras order."""
+    """-> A [n_rows, r_max, in], B [n_rows, out, r_max] with B scaled; row order = loras order.
+    A handful of ops whatever the number of adapters: rebuilt whenever the batch changes."""
     r_max = max(l.A.shape[0] for l in loras)
-    As, Bs = [], []
-    for l, n in zip(loras, rows_per_lora):
-        r = l.A.shape[0]
-        A = torch.nn.functional.pad(l.A, (0, 0, 0, r_max - r))  # [r_max, in]
-        B = torch.nn.functional.pad(l.B * l.scale, (0, r_max - r))  # [out, r_max]
-        As.append(A.expand(n, *A.shape))
-        Bs.append(B.expand(n, *B.shape))
-    return torch.cat(As), torch.cat(Bs)
+    A = torch.stack([F.pad(l.A, (0, 0, 0, r_max - l.A.shape[0])) for l in loras])  # [g, r_max, in]
+    B = torch.stack([F.pad(l.B, (0, r_max - l.B.shape[1])) for l in loras])  # [g, out, r_max]
+    scales = torch.tensor([l.scale for l in loras], dtype=B.dtype, device=B.device)
+    return per_row(A, rows_per_lora), per_row(B * scales[:, None, None], rows_per_lora)
 
 
 def gathered_lora_delta(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
@@ -109,7 +113,7 @@ def gatherable_kind(effects: Sequence[LinearEffect]) -> str | None:
 
 def stack_scales(scales: Sequence[Scale], rows_per_scale: Sequence[int]) -> Tensor:
     """-> [n_rows, 1, dim]: each group's vector once per row, to multiply [n_rows, S, dim]."""
-    return torch.cat([s.vector.expand(n, 1, s.vector.shape[-1]) for s, n in zip(scales, rows_per_scale)])
+    return per_row(torch.stack([s.vector for s in scales])[:, None, :], rows_per_scale)
 
 
 # --------------------------------------------------------------------------- DoRA
