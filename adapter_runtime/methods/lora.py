@@ -89,8 +89,9 @@ def stack_loras(loras: Sequence[LoRA], rows_per_lora: Sequence[int]) -> tuple[Te
     """-> A [n_rows, r_max, in], B [n_rows, out, r_max] with B scaled; row order = loras order.
     A handful of ops whatever the number of adapters: rebuilt whenever the batch changes."""
     r_max = max(l.A.shape[0] for l in loras)
-    A = torch.stack([F.pad(l.A, (0, 0, 0, r_max - l.A.shape[0])) for l in loras])  # [g, r_max, in]
-    B = torch.stack([F.pad(l.B, (0, r_max - l.B.shape[1])) for l in loras])  # [g, out, r_max]
+    pad = lambda t, spec: F.pad(t, spec) if any(spec) else t  # noqa: E731  (most ranks are equal: no copy)
+    A = torch.stack([pad(l.A, (0, 0, 0, r_max - l.A.shape[0])) for l in loras])  # [g, r_max, in]
+    B = torch.stack([pad(l.B, (0, r_max - l.B.shape[1])) for l in loras])  # [g, out, r_max]
     scales = torch.tensor([l.scale for l in loras], dtype=B.dtype, device=B.device)
     return per_row(A, rows_per_lora), per_row(B * scales[:, None, None], rows_per_lora)
 
