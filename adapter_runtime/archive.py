@@ -8,7 +8,6 @@ streamed, so a lying header or a zip bomb cannot get past the limit. Nothing her
 
 from __future__ import annotations
 
-import shutil
 import stat
 import tarfile
 import zipfile

@@ -17,7 +17,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .adapters import Adapter
 from .batch import ForwardBatch, Setup, build_adapter_batch
 from .errors import InvalidRequest
 from .models.common import KVCache
@@ -88,9 +87,11 @@ def forward_sequences(
     token_rows: Sequence[Sequence[int]],
     setups: Sequence[Setup] | None = None,
     device: torch.device | str = "cpu",
+    merged=None,
 ) -> list[Tensor]:
     """Logits for every real token of every row, [len(row), V] each, in one batched forward
-    with a fresh cache: rows may differ in length and in adapter setup."""
+    with a fresh cache: rows may differ in length and in adapter setup. `merged`: the
+    `MergedAdapter` folded into the model's weights, if any (as the engine passes it)."""
     setups = list(setups) if setups is not None else [()] * len(token_rows)
     info = model.info
     layouts = [row_layout(s) for s in setups]
@@ -102,7 +103,8 @@ def forward_sequences(
         write_prefixes(cache, slot, setup, info.num_layers)
     seq_len = max(len(t) for t in tokens)
     adapters = build_adapter_batch(
-        setups, [len(t) for t in tokens], [lay.virtual_tokens > 0 for lay in layouts], seq_len, torch.device(device)
+        setups, [len(t) for t in tokens], [lay.virtual_tokens > 0 for lay in layouts], seq_len, torch.device(device),
+        merged=merged,
     )
     batch = ForwardBatch.build(
         tokens,

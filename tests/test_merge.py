@@ -5,7 +5,6 @@ requests stream change nobody's output."""
 from __future__ import annotations
 
 import copy
-import threading
 
 import httpx
 import pytest
@@ -71,26 +70,12 @@ def test_merge_keeps_every_output_and_reset_is_exact(bases, kind, case, tmp_path
     record = merge_ops.merge(model, target)
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, originals[k])]
     assert changed, "a merge must change base weights"
-    from adapter_runtime import batch as batch_mod
-
-    merged = forward_sequences_merged(model, rows, setups, record, batch_mod)
+    merged = forward_sequences(model, rows, setups, merged=record.merged)
     for b in range(3):
         assert (merged[b] - before[b]).abs().max().item() <= TOL
 
     merge_ops.reset(model, record)
     assert all(torch.equal(v, originals[k]) for k, v in model.state_dict().items())
-
-
-def forward_sequences_merged(model, rows, setups, record, batch_mod):
-    """forward_sequences with the merge in force (the engine passes `merged` the same way)."""
-    import adapter_runtime.layout as layout
-
-    original = layout.build_adapter_batch
-    layout.build_adapter_batch = lambda *a, **k: original(*a, **k, merged=record.merged)
-    try:
-        return forward_sequences(model, rows, setups)
-    finally:
-        layout.build_adapter_batch = original
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

@@ -6,10 +6,7 @@ survives a failing request. Expected outputs come from the PEFT library, never t
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path

@@ -3,12 +3,8 @@ generations and log-probabilities are checked against transformers."""
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai

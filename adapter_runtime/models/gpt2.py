@@ -6,7 +6,6 @@ HF stores GPT-2's projections as Conv1D, weight [in, out]; we hold them as nn.Li
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch

@@ -8,7 +8,6 @@ checkpoint loads with no name mapping. Adapter sites are the `adapters.*` calls.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
