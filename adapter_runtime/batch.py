@@ -1,14 +1,20 @@
 """Per-step batch metadata: one frozen `ForwardBatch` is passed down through the model.
 
-The model runs its base ops once for all rows; at each adapter site it calls the batch's
-`AdapterBatch`, which adds each adapter setup's effect to that setup's rows only. A row whose
-request names no adapter is in no group and pays nothing.
+Tokens are *packed*: the step's rows (requests) put their new tokens one after the other,
+[N] in all, so linear layers run on [N, H] whatever mix of one-token decode rows and
+multi-token prefill chunks the step holds. Decode rows come first (token i = row i).
+
+Adapters are data (banks.py): at each adapter site the model calls the step's `AdapterStep`,
+which applies every banked method by per-token slot index (slot 0 = no adapter: exact
+identity). Rows whose setup no bank can hold (stacks, gated or DoRA LoRAs, flex heads, the
+undo of a merged adapter) are *side groups*, applied after the banks by the reference math
+of methods/ one group at a time.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -17,294 +23,36 @@ from .adapters import Adapter, LinearEffect, LoRA, Scale
 from .methods import bottleneck as bottleneck_math
 from .methods import head as head_math
 from .methods import invertible as invertible_math
-from .methods import lora as linear_math
+from .methods import lora as lora_math
+from .methods import prompt as prompt_math
+from .methods import stack as stack_math
 
 Setup = tuple[Adapter, ...]  # adapters of one request, in Stack order (usually one)
 
 
 @dataclass(frozen=True)
-class AdapterGroup:
-    """The rows of one step that share an adapter setup."""
+class SideGroup:
+    """The tokens of one step whose rows share a setup that takes the side path."""
 
-    rows: Tensor  # [n] row indices into the batch
     setup: Setup
-    token_mask: Tensor | None  # [n, S, 1] 1.0 on valid tokens; None when no row is padded
-    all_rows: bool  # the group is the whole batch, in order: no gather/scatter needed
-    prompt_in_chunk: bool  # this chunk starts with the setup's virtual prompt tokens
+    tokens: Tensor  # [n] token indices into the step
+    segments: Tensor | None  # [n] row of each token within the group; None: one token per row
+    logit_rows: Tensor | None  # indices into the step's logits rows that belong to the group
 
-    def take(self, t: Tensor) -> Tensor:
-        return t if self.all_rows else t[self.rows]
+    def linear_effects(self, site) -> list[LinearEffect]:
+        return [e for a in self.setup if (e := a.linear.get(site)) is not None]
 
-    def put(self, dst: Tensor, value: Tensor) -> Tensor:
-        if self.all_rows:
-            return value
-        dst[self.rows] = value
-        return dst
-
-    def linear_effects(self, layer: int, module: str) -> list[LinearEffect]:
-        return [e for a in self.setup if (e := a.linear.get((layer, module))) is not None]
-
-    def bottlenecks(self, layer: int, location: str) -> list:
-        return [b for a in self.setup if (b := a.bottleneck.get((layer, location))) is not None]
-
-
-# From this many groups of one kind at one site, gathered batched ops replace the group loop.
-GATHERED_MIN_GROUPS = 2
-
-
-@dataclass(frozen=True)
-class AdapterBatch:
-    groups: tuple[AdapterGroup, ...] = ()
-    # per-site plans with stacked weights for the gathered paths; a memo, reused while the
-    # engine keeps this AdapterBatch (a decode batch whose rows do not change)
-    _plans: dict = field(default_factory=dict, compare=False, repr=False)
-    # while an adapter is merged into the base weights: the rows that do not use it, and per
-    # linear site the effect that takes the merged output back to the base output
-    unmerge: "Unmerge | None" = None
-    batch_size: int = 0  # rows in the step (0 = unknown)
-
-    # ---- linear sites: LoRA deltas, (IA)^3 scales
-    def linear(self, layer: int, module: str, base: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
-        """base(x) [.., out] plus each group's effect at (layer, module).
-
-        Reference: for each group, y[rows] = apply_output(x[rows], y[rows], effects). Groups
-        whose single effect is a plain LoRA, an output scale or an input scale are instead
-        applied together per kind (`_linear_plan`), which gives the same numbers per row."""
-        undo = self.unmerge.effects.get((layer, module)) if self.unmerge is not None else None
-        plan = self._linear_plan(layer, module)
-        if plan is None and undo is None:
-            return base(x)
-        loras, out_scales, in_scales, rest = plan or (None, None, None, ())
-        # input scales act before the shared base op; x feeds other sites: never scale in place
-        x_in = x
-        if undo is not None:
-            x_in = _put(x_in, self.unmerge.rows, linear_math.scale_input(self.unmerge.rows.take(x_in), [undo]), x)
-        if in_scales is not None:
-            rows, vectors = in_scales
-            x_in = x_in * vectors if rows is None else _scatter(x_in, rows, x_in[rows] * vectors, x)
-        for g, effects in rest:
-            if any(isinstance(e, Scale) and e.on_input for e in effects):
-                x_in = _put(x_in, g, linear_math.scale_input(g.take(x_in), effects), x)
-        y = base(x_in)
-        if undo is not None:  # back to the base output first, then the rows' own effects
-            rows = self.unmerge.rows
-            y = rows.put(y, linear_math.apply_output(rows.take(x_in), rows.take(y), [undo], None))
-        if loras is not None:
-            rows, A, B = loras
-            # rows are distinct: a gather and a put beat index_add_ (a slow scatter on CPU)
-            y = y + linear_math.gathered_lora_delta(x, A, B) if rows is None else \
-                _scatter(y, rows, y[rows] + linear_math.gathered_lora_delta(x[rows], A, B), None)
-        if out_scales is not None:
-            rows, vectors = out_scales
-            y = y * vectors if rows is None else _scatter(y, rows, y[rows] * vectors, None)
-        for g, effects in rest:
-            if isinstance(dora := effects[0], LoRA) and dora.magnitude is not None:  # alone: stacks refuse PEFT
-                ratio, bias = self._dora_ratio(layer, module, base, dora, undo)
-                y = g.put(y, linear_math.dora_output(g.take(x), g.take(y), dora, ratio, bias))
-            else:
-                y = g.put(y, linear_math.apply_output(g.take(x), g.take(y), effects, g.token_mask))
-        return y
-
-    def _dora_ratio(self, layer: int, module: str, base, dora: LoRA, undo: LinearEffect | None):
-        """DoRA's per-row factor from the *original* base weight (a merged adapter's delta is
-        taken back out first), once per batch composition."""
-        key = ("dora", layer, module, id(dora))
-        if key not in self._plans:
-            weight, bias = base.weight, base.bias
-            if undo is not None:
-                from .methods.merge import merged_weights
-
-                weight, bias = merged_weights(undo, weight, bias)
-            self._plans[key] = (linear_math.dora_ratio(dora, weight), bias)
-        return self._plans[key]
-
-    def _linear_plan(self, layer: int, module: str):
-        """None if no row has an effect here, else (loras, out_scales, in_scales, rest):
-        stacked weights for the groups applied together per kind (None if fewer than two
-        groups of that kind), and the (group, effects) applied one group at a time."""
-        key = ("linear", layer, module)
-        if key not in self._plans:
-            touched = [(g, effects) for g in self.groups if (effects := g.linear_effects(layer, module))]
-            kinds: dict[str, list] = {"lora": [], "out": [], "in": []}
-            rest = []
-            for g, effects in touched:
-                kind = linear_math.gatherable_kind(effects) if g.token_mask is None else None
-                (kinds[kind] if kind else rest).append((g, effects))
-            for kind, members in kinds.items():
-                if len(members) < GATHERED_MIN_GROUPS:
-                    rest.extend(members)
-                    kinds[kind] = None
-                    continue
-                counts = [len(g.rows) for g, _ in members]
-                rows = torch.cat([g.rows for g, _ in members])
-                effects = [e[0] for _, e in members]
-                stacked = linear_math.stack_loras(effects, counts) if kind == "lora" else \
-                    (linear_math.stack_scales(effects, counts),)
-                kinds[kind] = self._in_row_order(rows, counts, stacked)
-            self._plans[key] = None if not touched else (kinds["lora"], kinds["out"], kinds["in"], rest)
-        return self._plans[key]
-
-    def _in_row_order(self, rows: Tensor, counts: list[int], stacked: tuple[Tensor, ...]) -> tuple:
-        """(rows, *stacked); rows None when the groups cover the whole batch (groups are
-        disjoint, so the counts tell without a device sync): the stacks are then put in row
-        order once, and applying them needs no gather or scatter."""
-        if sum(counts) == self.batch_size:
-            order = torch.argsort(rows)
-            return (None, *(t[order] for t in stacked))
-        return (rows, *stacked)
-
-    # ---- residual sites: bottleneck adapters around a sublayer
-    def residual(self, layer: int, location: str, sublayer_out: Tensor, residual: Tensor) -> Tensor:
-        """The block's new hidden state: sublayer_out + residual, or the adapters' composition.
-
-        Reference: for each group, h[rows] = compose(bottlenecks, s[rows], r[rows]). Plain
-        sequential adapters of one activation are applied together (`_residual_plan`)."""
-        h = sublayer_out + residual
-        plan = self._residual_plan(layer, location)
-        if plan is None:
-            return h
-        gathered, rest = plan
-        for activation_name, (rows, stacked) in gathered.items():
-            s = sublayer_out if rows is None else sublayer_out[rows]
-            r = residual if rows is None else residual[rows]
-            out = bottleneck_math.gathered_sequential(stacked, activation_name, s, r)
-            h = out if rows is None else _scatter(h, rows, out, None)
-        for g, adapters in rest:
-            h = g.put(h, bottleneck_math.compose(adapters, g.take(sublayer_out), g.take(residual), g.token_mask))
-        return h
-
-    def _residual_plan(self, layer: int, location: str):
-        key = ("residual", layer, location)
-        if key not in self._plans:
-            touched = [(g, adapters) for g in self.groups if (adapters := g.bottlenecks(layer, location))]
-            by_activation: dict[str, list] = {}
-            rest = []
-            for g, adapters in touched:
-                if len(adapters) == 1 and bottleneck_math.is_plain_sequential(adapters[0]):
-                    by_activation.setdefault(adapters[0].activation, []).append((g, adapters))
-                else:
-                    rest.append((g, adapters))
-            gathered = {}
-            for name, members in by_activation.items():
-                if len(members) < GATHERED_MIN_GROUPS:
-                    rest.extend(members)
-                    continue
-                counts = [len(g.rows) for g, _ in members]
-                rows = torch.cat([g.rows for g, _ in members])
-                stacked = bottleneck_math.stack_sequential([a[0] for _, a in members], counts)
-                ordered = self._in_row_order(rows, counts, tuple(stacked))
-                gathered[name] = (ordered[0], type(stacked)(*ordered[1:]))
-            self._plans[key] = None if not touched else (gathered, rest)
-        return self._plans[key]
-
-    # ---- embedding sites
-    def token_embeddings(self, h: Tensor) -> Tensor:
-        """Put soft-prompt vectors over the placeholder embeddings of the virtual tokens."""
-        for g in self.groups:
-            if g.prompt_in_chunk:
-                prompt = next(a.prompt for a in g.setup if a.prompt is not None).embeddings
-                rows = g.rows if not g.all_rows else torch.arange(h.shape[0], device=h.device)
-                h[rows, : prompt.shape[0]] = prompt.to(h.dtype)
-        return h
-
-    def logits(self, h: Tensor, project: Callable[[Tensor], Tensor]) -> Tensor:
-        """project(h) [.., V]; rows whose setup carries a flex LM head (the last adapter that
-        has one) first go through its layers and, if the setup's first adapter is invertible,
-        the NICE inverse, and get the head's bias added (AdapterHub flex-head models)."""
-        heads = [(g, head) for g in self.groups if (head := next((a.head for a in reversed(g.setup) if a.head), None))]
-        for g, head in heads:
-            z = head_math.transform(head, g.take(h))
-            if (inv := g.setup[0].invertible) is not None:
-                z = invertible_math.inverse(inv, z)
-            h = g.put(h, z)
-        logits = project(h)
-        for g, head in heads:
-            if head.bias is not None:
-                logits = g.put(logits, g.take(logits) + head.bias)
-        return logits
-
-    def embeddings(self, h: Tensor) -> Tensor:
-        """Invertible (NICE) adapter of each setup's first adapter, on the embedding output."""
-        for g in self.groups:
-            if (inv := g.setup[0].invertible) is not None:
-                h = g.put(h, invertible_math.forward(inv, g.take(h)))
-        return h
-
-
-NO_ADAPTERS = AdapterBatch()
-
-
-def _scatter(dst: Tensor, rows: Tensor, value: Tensor, shared: Tensor | None) -> Tensor:
-    """dst with dst[rows] = value; copies first when dst is `shared` (an input other sites read)."""
-    if dst is shared:
-        dst = dst.clone()
-    dst[rows] = value
-    return dst
-
-
-def _put(dst: Tensor, group: AdapterGroup, value: Tensor, shared: Tensor) -> Tensor:
-    if group.all_rows:
-        return value
-    return _scatter(dst, group.rows, value, shared)
+    def bottlenecks(self, site) -> list:
+        return [b for a in self.setup if (b := a.bottleneck.get(site)) is not None]
 
 
 @dataclass(frozen=True)
 class Unmerge:
-    rows: AdapterGroup  # rows whose setup does not hold the merged adapter (setup empty)
-    effects: Mapping[tuple[int, str], LinearEffect]  # (layer, module) -> inverse effect
+    """While an adapter is merged into the base weights: the tokens of rows that do not use it,
+    and per linear site the effect that takes the merged output back to the base output."""
 
-
-def without_linear(adapter: Adapter) -> Adapter:
-    """The part of a merged adapter that still runs per row (a union's bottleneck, say)."""
-    from dataclasses import replace
-
-    return replace(adapter, linear={})
-
-
-def build_adapter_batch(
-    setups: Sequence[Setup],
-    query_lens: Sequence[int],
-    prompt_in_chunk: Sequence[bool],
-    seq_len: int,
-    device: torch.device,
-    merged: "MergedAdapter | None" = None,
-) -> AdapterBatch:
-    """Group rows by setup (same adapters, same order). Rows with an empty setup are left out.
-
-    With `merged` (an adapter folded into the base weights), rows using it drop its linear
-    effects, and every other row gets the merged delta undone at each merged site."""
-    unmerge = None
-    if merged is not None:
-        name = merged.adapter.name  # by name: the registry may hand out another copy of it
-        using = [any(a.name == name for a in setup) for setup in setups]
-        setups = [tuple(merged.residue if a.name == name else a for a in setup) for setup in setups]
-        other_rows = [row for row, uses in enumerate(using) if not uses]
-        if other_rows:
-            rows_t = torch.tensor(other_rows, device=device, dtype=torch.long)
-            group = AdapterGroup(rows_t, (), None, other_rows == list(range(len(setups))), False)
-            unmerge = Unmerge(group, merged.inverse_effects)
-    by_key: dict[tuple, list[int]] = {}
-    for row, setup in enumerate(setups):
-        if setup:
-            by_key.setdefault((tuple(id(a) for a in setup), bool(prompt_in_chunk[row])), []).append(row)
-    lens = torch.tensor(list(query_lens), device=device)
-    padded = bool((lens != seq_len).any())
-    groups = []
-    for (_, prompt), rows in by_key.items():
-        rows_t = torch.tensor(rows, device=device, dtype=torch.long)
-        mask = None
-        if padded:
-            mask = (torch.arange(seq_len, device=device)[None, :] < lens[rows_t][:, None]).unsqueeze(-1).float()
-        groups.append(
-            AdapterGroup(
-                rows=rows_t,
-                setup=setups[rows[0]],
-                token_mask=mask,
-                all_rows=rows == list(range(len(setups))),
-                prompt_in_chunk=prompt,
-            )
-        )
-    return AdapterBatch(tuple(groups), unmerge=unmerge, batch_size=len(setups))
+    tokens: Tensor  # [n]
+    effects: Mapping[tuple[int, str], LinearEffect]
 
 
 @dataclass(frozen=True)
@@ -316,27 +64,192 @@ class MergedAdapter:
     inverse_effects: Mapping[tuple[int, str], LinearEffect]
 
 
+def without_linear(adapter: Adapter) -> Adapter:
+    """The part of a merged adapter that still runs per row (a union's bottleneck, say)."""
+    return replace(adapter, linear={})
+
+
+def same_adapter(a: Adapter, b: Adapter) -> bool:
+    """By identity (uid) when both carry one, else by name: the registry may hand out another
+    copy of the same adapter."""
+    ua, ub = getattr(a, "uid", None), getattr(b, "uid", None)
+    return ua == ub if ua and ub else a.name == b.name
+
+
+def _put(dst: Tensor, tokens: Tensor, value: Tensor, shared: Tensor | None) -> Tensor:
+    """dst with dst[tokens] = value; copies first when dst is `shared` (an input other sites read)."""
+    if dst is shared:
+        dst = dst.clone()
+    dst[tokens] = value
+    return dst
+
+
+@dataclass(frozen=True)
+class AdapterStep:
+    """What the model asks at each adapter site during one step."""
+
+    banks: object | None = None  # banks.AdapterBanks
+    slots: Tensor | None = None  # [N] bank slot of each token (0 = none)
+    groups: tuple | None = None  # None: gather weights per token; else ((slot, tokens [k]), ...) per used slot
+    active: Mapping[str, frozenset] = field(default_factory=dict)  # bank kind -> sites to apply
+    side: tuple[SideGroup, ...] = ()
+    unmerge: Unmerge | None = None
+    prompts: tuple[tuple[Tensor, Tensor], ...] = ()  # (tokens [k], vectors [k, H]) of soft prompts
+    memo: dict | None = None  # DoRA factors per (adapter, site), kept by the runner across steps
+
+    def _on(self, kind: str, site) -> bool:
+        return site in self.active.get(kind, ())
+
+    def static_safe(self) -> bool:
+        return not self.side and self.unmerge is None and not self.prompts
+
+    # ---- linear sites: LoRA deltas, (IA)^3 scales
+    def plain(self, layer: int, modules: Sequence[str]) -> bool:
+        """No input-side effect at any of these linears: their base ops may run as one fused
+        matmul on the shared input."""
+        if self.unmerge is not None and any((layer, m) in self.unmerge.effects for m in modules):
+            return False
+        if any(self._on("ia3", ((layer, m), True)) for m in modules):
+            return False
+        return not any(g.linear_effects((layer, m)) for g in self.side for m in modules)
+
+    def linear(self, layer: int, module: str, base: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """base(x) [N, out] with every token's effects at (layer, module).
+
+        Reference, per token with adapter setup e: y = stack.apply_output(x, base(stack.scale_input(x, e)), e)."""
+        site = (layer, module)
+        undo = self.unmerge.effects.get(site) if self.unmerge is not None else None
+        x_in = x  # x feeds other sites: never scale it in place
+        if undo is not None and isinstance(undo, Scale) and undo.on_input:
+            t = self.unmerge.tokens
+            x_in = _put(x_in, t, stack_math.scale_input(x_in[t], [undo]), x)
+        if self._on("ia3", (site, True)):
+            x_in = self.banks["ia3"].scale(site, True, x_in, self.slots)
+        for g in self.side:
+            effects = g.linear_effects(site)
+            if any(isinstance(e, Scale) and e.on_input for e in effects):
+                x_in = _put(x_in, g.tokens, stack_math.scale_input(x_in[g.tokens], effects), x)
+        y = base(x_in)
+        if undo is not None:  # back to the base output first, then the rows' own effects
+            t = self.unmerge.tokens
+            y = _put(y, t, stack_math.apply_output(x_in[t], y[t], [undo], None), None)
+        return self.linear_output(layer, module, x, y, base)
+
+    def linear_output(self, layer: int, module: str, x: Tensor, y: Tensor, base=None) -> Tensor:
+        """The output-side effects at (layer, module) on y = base(x) (no input-side effect here)."""
+        site = (layer, module)
+        if self._on("ia3", (site, False)):
+            y = self.banks["ia3"].scale(site, False, y, self.slots)
+        if self._on("lora", site):
+            y = self.banks["lora"].output(site, x, y, self.slots, self.groups)
+        for g in self.side:
+            effects = g.linear_effects(site)
+            if not effects:
+                continue
+            t = g.tokens
+            if isinstance(dora := effects[0], LoRA) and dora.magnitude is not None:  # alone: stacks refuse PEFT
+                ratio, bias = self._dora_ratio(site, base, dora)
+                y = _put(y, t, lora_math.dora_output(x[t], y[t], dora, ratio, bias), None)
+            else:
+                y = _put(y, t, stack_math.apply_output(x[t], y[t], effects, g.segments), None)
+        return y
+
+    def _dora_ratio(self, site, base, dora: LoRA):
+        """DoRA's per-row factor from the *original* base weight (a merged adapter's delta is
+        taken back out first); memoized by the runner until the weights change."""
+        key = ("dora", site, id(dora))
+        memo = self.memo if self.memo is not None else {}
+        if key not in memo:
+            weight, bias = base.weight, base.bias
+            undo = self.unmerge.effects.get(site) if self.unmerge is not None else None
+            if undo is not None:
+                from .methods.merge import merged_weights
+
+                weight, bias = merged_weights(undo, weight, bias)
+            memo[key] = (lora_math.dora_ratio(dora, weight), bias, dora)  # keeps `dora` alive: its id stays unique
+        return memo[key][:2]
+
+    # ---- residual sites: bottleneck adapters around a sublayer
+    def residual(self, layer: int, location: str, sublayer_out: Tensor, residual: Tensor) -> Tensor:
+        """The block's new hidden state [N, H]: sublayer_out + residual, or the adapters' composition.
+
+        Reference, per token with bottlenecks b at the site: bottleneck.compose(b, s, r)."""
+        site = (layer, location)
+        h = None
+        if self._on("bottleneck", site):
+            h = self.banks["bottleneck"].residual(site, sublayer_out, residual, self.slots, self.groups)
+        if h is None:
+            h = sublayer_out + residual
+        for g in self.side:
+            if bns := g.bottlenecks(site):
+                t = g.tokens
+                h = _put(h, t, bottleneck_math.compose(bns, sublayer_out[t], residual[t], g.segments), None)
+        return h
+
+    # ---- embedding sites
+    def token_embeddings(self, h: Tensor) -> Tensor:
+        """Soft-prompt vectors over the placeholder embeddings of the virtual tokens."""
+        return prompt_math.place(h, self.prompts) if self.prompts else h
+
+    def embeddings(self, h: Tensor) -> Tensor:
+        """Invertible (NICE) adapters on the embedding output [N, H]."""
+        if self._on("invertible", "embeddings"):
+            h = self.banks["invertible"].embeddings(h, self.slots, self.groups)
+        for g in self.side:
+            if (inv := g.setup[0].invertible) is not None:
+                h = _put(h, g.tokens, invertible_math.forward(inv, h[g.tokens]), None)
+        return h
+
+    def logits(self, h: Tensor, project: Callable[[Tensor], Tensor]) -> Tensor:
+        """project(h) [M, V] for the rows to score; rows whose setup carries a flex LM head (the
+        last adapter that has one) first go through its layers and, if the setup's first
+        adapter is invertible, the NICE inverse, and get the head's bias added."""
+        heads = [(g, head) for g in self.side if g.logit_rows is not None
+                 and (head := next((a.head for a in reversed(g.setup) if a.head), None))]
+        for g, head in heads:
+            z = head_math.transform(head, h[g.logit_rows])
+            if (inv := g.setup[0].invertible) is not None:
+                z = invertible_math.inverse(inv, z)
+            h = _put(h, g.logit_rows, z, None)
+        logits = project(h)
+        for g, head in heads:
+            if head.bias is not None:
+                logits[g.logit_rows] = logits[g.logit_rows] + head.bias
+        return logits
+
+
+NO_ADAPTERS = AdapterStep()
+
+
+class RowSpan(NamedTuple):
+    """Host facts of one row: its tokens are first..first+count-1; they go to KV slot `slot` at
+    cache indices start..start+count-1 and see every cache index up to their own."""
+
+    first: int
+    count: int
+    slot: int
+    start: int
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
-    """Everything one forward pass needs besides the weights and the KV cache.
+    """Everything one forward pass needs besides the weights and the KV cache."""
 
-    Rows are requests; row b holds `query_lens[b]` new tokens (right-padded to S). Token j of
-    row b is written to KV-cache index `cache_starts[b] + j` of slot `cache_slots[b]`, and
-    attends to every cache index <= that one (prefix entries included).
-    """
-
-    input_ids: Tensor  # [B, S] int64, padding arbitrary
-    positions: Tensor  # [B, S] int64 position ids (embeddings / RoPE)
-    cache_slots: Tensor  # [B] int64 KV slot per row
-    cache_starts: Tensor  # [B] int64 cache index of each row's first new token
-    query_lens: Tensor  # [B] int64 valid new tokens per row
-    kv_len: int  # max over rows of cache_starts + query_lens: the cache length attention reads
-    slot_start: int | None  # rows use slots slot_start.. in order (a view, no gather), else None
-    padded: bool  # some row has fewer than S valid tokens
-    adapters: AdapterBatch = NO_ADAPTERS
-    all_logits: bool = False  # logits for every position (echo/logprobs) or the last valid one
-    # layer -> ([B] lo, [B] hi): cache indices lo..hi-1 are hidden from that layer's queries
-    # (prefix entries of a prefix adapter that leaves the layer out)
+    input_ids: Tensor  # [N] int64
+    positions: Tensor  # [N] int64 position ids (embeddings / RoPE)
+    write_slots: Tensor  # [N] int64 KV slot of each token
+    write_index: Tensor  # [N] int64 cache index of each token
+    rows: tuple[RowSpan, ...]  # host: rows[:num_decode] are the one-token decode rows
+    num_decode: int
+    decode_slots: Tensor  # [D] int64 KV slot of each decode row
+    decode_index: Tensor  # [D] int64 cache index of each decode row's token
+    decode_kv_len: int  # cache entries the decode rows read (max index + 1, maybe rounded up)
+    decode_slot_view: bool  # decode rows use slots 0..D-1 in order: read the cache as a view
+    kv_len: int  # the longest row's cache length (dynamic RoPE types need it)
+    logits_index: Tensor  # [M] tokens whose logits the forward returns
+    adapters: AdapterStep = NO_ADAPTERS
+    # layer -> ([R] lo, [R] hi): cache indices lo..hi-1 are hidden from that layer's queries
+    # (prefix entries of a prefix adapter that leaves the layer out), per row
     prefix_hidden: Mapping[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @staticmethod
@@ -345,40 +258,139 @@ class ForwardBatch:
         positions: Sequence[Sequence[int]],
         cache_slots: Sequence[int],
         cache_starts: Sequence[int],
-        device: torch.device,
-        adapters: AdapterBatch = NO_ADAPTERS,
-        all_logits: bool = False,
+        device: torch.device | str,
+        adapters: AdapterStep = NO_ADAPTERS,
+        all_logits: bool | Sequence[bool] = False,
         prefix_hidden: Mapping[int, tuple[Tensor, Tensor]] | None = None,
+        kv_round: int = 1,
+        read_slots: Sequence[int] | None = None,
     ) -> "ForwardBatch":
-        """From host lists: right-pads rows to the longest and derives the host-side facts
-        (kv_len, slot_start, padded) once, so that no layer has to sync with the device."""
+        """From host lists, one entry per row (rows with one token first, if any). Derives the
+        host-side facts once, so that no layer has to sync with the device. `all_logits`: per
+        row (or for all), logits for every token rather than the last one only. `read_slots`:
+        the KV slot each decode row reads, if not the one it writes (padding rows of a static
+        step write to a scratch slot and read any)."""
+        device = torch.device(device)
+        R = len(tokens)
         lens = [len(t) for t in tokens]
-        S = max(lens)
-        ids = torch.zeros(len(tokens), S, dtype=torch.long)
-        pos = torch.zeros(len(tokens), S, dtype=torch.long)
-        for b, (t, p) in enumerate(zip(tokens, positions)):
-            ids[b, : len(t)] = torch.tensor(t, dtype=torch.long)
-            pos[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-        slots = list(cache_slots)
-        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        D = 0
+        while D < R and lens[D] == 1:
+            D += 1
+        if D < R and any(n == 1 for n in lens[D:]):  # keep one-token rows (decode) in front
+            raise ValueError("one-token rows must come first")
+        flags = [all_logits] * R if isinstance(all_logits, bool) else list(all_logits)
+        rows, first, logit_tokens = [], 0, []
+        for t, slot, start, every in zip(tokens, cache_slots, cache_starts, flags):
+            rows.append(RowSpan(first, len(t), int(slot), int(start)))
+            logit_tokens += list(range(first, first + len(t))) if every else [first + len(t) - 1]
+            first += len(t)
+        flat = lambda xs: torch.tensor([v for x in xs for v in x], dtype=torch.long)  # noqa: E731
+        write_index = [r.start + j for r in rows for j in range(r.count)]
+        decode_slots = list(read_slots[:D]) if read_slots is not None else [r.slot for r in rows[:D]]
+        kv = max((r.start + 1 for r in rows[:D]), default=0)
+        kv = -(-kv // kv_round) * kv_round if D else 0
+        host = {
+            "input_ids": flat(tokens), "positions": flat(positions),
+            "write_slots": torch.tensor([r.slot for r in rows for _ in range(r.count)], dtype=torch.long),
+            "write_index": torch.tensor(write_index, dtype=torch.long),
+            "decode_slots": torch.tensor(decode_slots, dtype=torch.long),
+            "decode_index": torch.tensor(write_index[:D], dtype=torch.long),
+            "logits_index": torch.tensor(logit_tokens, dtype=torch.long),
+        }
         return ForwardBatch(
-            input_ids=ids.to(device),
-            positions=pos.to(device),
-            cache_slots=torch.tensor(slots, dtype=torch.long, device=device),
-            cache_starts=torch.tensor(list(cache_starts), dtype=torch.long, device=device),
-            query_lens=torch.tensor(lens, dtype=torch.long, device=device),
-            kv_len=max(s + n for s, n in zip(cache_starts, lens)),
-            slot_start=slots[0] if contiguous else None,
-            padded=any(n != S for n in lens),
-            adapters=adapters,
-            all_logits=all_logits,
-            prefix_hidden=prefix_hidden or {},
+            **{k: v.to(device) for k, v in host.items()},
+            rows=tuple(rows), num_decode=D, decode_kv_len=kv, decode_slot_view=decode_slots == list(range(D)),
+            kv_len=max(r.start + r.count for r in rows), adapters=adapters, prefix_hidden=prefix_hidden or {},
         )
 
     @property
-    def batch_size(self) -> int:
+    def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
     @property
-    def seq_len(self) -> int:
-        return int(self.input_ids.shape[1])
+    def num_rows(self) -> int:
+        return len(self.rows)
+
+
+GATHER_MAX_TOKENS = 64  # up to this many tokens, banked weights are gathered per token; above, per slot
+
+
+def build_adapter_step(
+    setups: Sequence[Setup],
+    counts: Sequence[int],
+    device: torch.device | str,
+    banks=None,
+    merged: MergedAdapter | None = None,
+    static: bool = False,
+    gather: bool | None = None,
+    memo: dict | None = None,
+    done: Sequence[int] | None = None,
+    logit_rows: Sequence[Sequence[int]] | None = None,
+) -> AdapterStep:
+    """The adapter part of a step whose row b has `counts[b]` packed tokens and setup `setups[b]`.
+
+    Rows whose setup is one bankable adapter (banks.bankable) get its bank slot; others (stacks,
+    gated/DoRA LoRAs, flex heads, or every row when `banks` is None) form side groups by setup.
+    With `merged` (an adapter folded into the base weights), rows using it run its residue and
+    every other row gets the merged delta undone at each merged site. `done[b]`: the row's tokens
+    (virtual ones included) computed before this chunk, to place soft prompts; `logit_rows[b]`:
+    the rows of the step's logits that belong to row b (for flex heads)."""
+    from .banks import bankable
+
+    device = torch.device(device)
+    N = sum(counts)
+    firsts = [sum(counts[:b]) for b in range(len(counts))]
+    token_lists = [list(range(f, f + n)) for f, n in zip(firsts, counts)]
+    unmerge = None
+    if merged is not None:
+        using = [any(same_adapter(a, merged.adapter) for a in setup) for setup in setups]
+        setups = [tuple(merged.residue if same_adapter(a, merged.adapter) else a for a in setup) for setup in setups]
+        others = [t for b, uses in enumerate(using) if not uses for t in token_lists[b]]
+        if others:
+            unmerge = Unmerge(torch.tensor(others, device=device, dtype=torch.long), merged.inverse_effects)
+    row_slots = [0] * len(setups)
+    side_rows: dict[tuple, list[int]] = {}
+    for b, setup in enumerate(setups):
+        if not setup or all(not (a.linear or a.bottleneck or a.invertible or a.head) for a in setup):
+            continue  # nothing per token (none, or only prefix/prompt)
+        if banks is not None and len(setup) == 1 and bankable(setup[0]):
+            row_slots[b] = -1  # filled below, once every slot of the step is known to be in use
+        else:
+            side_rows.setdefault(tuple(id(a) for a in setup), []).append(b)
+    if banks is not None:
+        in_use: list[int] = []
+        for b, setup in enumerate(setups):
+            if row_slots[b] == -1:
+                row_slots[b] = banks.slot(setup[0], in_use)
+                in_use.append(row_slots[b])
+    side = []
+    for rows in side_rows.values():
+        tokens = [t for b in rows for t in token_lists[b]]
+        segments = None
+        if any(counts[b] != 1 for b in rows):
+            segments = torch.tensor([k for k, b in enumerate(rows) for _ in range(counts[b])], device=device)
+        logits = None
+        if logit_rows is not None:
+            logits = torch.tensor([m for b in rows for m in logit_rows[b]], device=device, dtype=torch.long)
+        side.append(SideGroup(setups[rows[0]], torch.tensor(tokens, device=device, dtype=torch.long), segments, logits))
+    prompts = []
+    for b, setup in enumerate(setups):
+        vectors = prompt_math.vectors(setup)
+        start = done[b] if done is not None else 0
+        if vectors is not None and start < vectors.shape[0]:
+            n = min(vectors.shape[0] - start, counts[b])
+            prompts.append((torch.arange(firsts[b], firsts[b] + n, device=device), vectors[start : start + n]))
+    slots = active = groups = None
+    if banks is not None and any(row_slots):
+        token_slots = [s for s, n in zip(row_slots, counts) for _ in range(n)]
+        slots = torch.tensor(token_slots, device=device, dtype=torch.long)
+        active = banks.active(row_slots, static)
+        gather = N <= GATHER_MAX_TOKENS if gather is None else gather
+        if not gather:
+            by_slot: dict[int, list[int]] = {}
+            for t, s in enumerate(token_slots):
+                if s:
+                    by_slot.setdefault(s, []).append(t)
+            groups = tuple((s, torch.tensor(ts, device=device, dtype=torch.long)) for s, ts in by_slot.items())
+    return AdapterStep(banks=banks if slots is not None else None, slots=slots, groups=groups, active=active or {},
+                       side=tuple(side), unmerge=unmerge, prompts=tuple(prompts), memo=memo)

@@ -1,46 +1,53 @@
 """The engine: one frozen base model, a slotted KV cache and one worker thread.
 
-Each step of the worker loop:
-  1. drop cancelled requests (their KV slots are freed at once);
-  2. admit waiting requests while a slot is free: write their prefix-tuning entries, prefill
-     their prompts (together, right-padded, in forwards of at most PREFILL_TOKENS tokens; a
-     request echoing prompt logprobs alone) and emit each first token;
-  3. one batched decode forward (one token per running request, S=1) and emit its tokens.
-Requests join between steps and leave as soon as they finish. The HTTP side only calls
-`submit` and reads the handle's events; all torch work happens on the worker thread.
+The work is split by job:
+  scheduler.py  the waiting queue, admission into KV slots, the per-step token budget
+                (chunked prefill) - pure bookkeeping, testable without a model;
+  runner.py     the device side: builds a step's packed batch (decode rows and prompt chunks
+                together), runs the model, returns logits; adapters live in its banks;
+  output.py     per request: detokenization, stop strings, logprobs, events;
+  engine.py     (this file) the worker thread, the command queue (merge/reset between steps),
+                sampling through one narrow call, and the public API (`submit`, handles).
+
+Each step of the worker loop: drop cancelled requests; run queued commands; ask the scheduler
+for a plan (admitting requests while a slot is free, writing their prefix-tuning entries);
+one forward for the plan's decode rows and prompt chunks; sample one token per row that needs
+one; hand each to its request's output processor. The HTTP side only calls `submit` and reads
+the handle's events; all torch work happens on the worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field, replace
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 from typing import AsyncIterator, Callable, Iterator, Sequence
 
 import torch
-from torch import Tensor
-
-from concurrent.futures import Future
 
 from . import layout, sampling
 from . import merge as merge_ops
-from .batch import ForwardBatch, Setup, build_adapter_batch
+from .batch import Setup
 from .errors import (AdapterConflict, AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest,
                      ModelLoadError)
+from .methods import prefix as prefix_method
 from .models import LoadedModel
 from .models.common import KVCache
+from .output import Event, RequestOutput, TokenLogprob
 from .registry import AdapterRegistry
+from .runner import ModelRunner, RowState
 from .sampling import SamplingParams
+from .scheduler import Scheduler, Sequence as Seq, StepPlan
 
 log = logging.getLogger(__name__)
 
-PREFILL_TOKENS = 8192  # most (padded) prompt tokens in one prefill forward
+__all__ = ["Completion", "Engine", "EngineConfig", "EngineHooks", "Event", "Request", "RequestHandle", "TokenLogprob",
+           "build_engine", "collect"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,9 @@ class EngineConfig:
     max_seq_len: int | None = None  # cache entries per slot (prefix + prompt + completion); None = model max
     max_queue: int = 256  # requests waiting for a slot before `submit` refuses (429)
     default_max_seq_len: int = 4096  # cap when max_seq_len is None and the model allows more
+    token_budget: int = 512  # most tokens (decode rows + prompt chunks) in one step: chunked prefill
+    compile: bool = False  # run decode-only steps through torch.compile (the server turns it on)
+    bank_slots: int | None = None  # adapters kept in the device banks; None = max(max_batch, 16)
 
 
 @dataclass(frozen=True)
@@ -66,29 +76,6 @@ class Request:
     params: SamplingParams = SamplingParams()
     setup: Setup = ()  # adapters, in stack order; () = the base model
     request_id: str = ""
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One entry of OpenAI's legacy `logprobs` object."""
-
-    token: str
-    logprob: float | None  # None for the first prompt token (nothing predicts it)
-    top: dict[str, float] | None
-    offset: int  # character offset of the token in the returned text
-
-
-@dataclass(frozen=True)
-class Event:
-    """A piece of one request's output. The last event has `finish_reason` (or `error`)."""
-
-    text: str = ""
-    token_ids: tuple[int, ...] = ()  # generated tokens in this event
-    logprobs: tuple[TokenLogprob, ...] = ()
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: AdapterRuntimeError | None = None
 
 
 @dataclass(frozen=True)
@@ -179,21 +166,16 @@ class RequestHandle:
         return collect([e async for e in self], self.request.params.logprobs is not None)
 
 
-@dataclass
-class _Running:
+@dataclass(eq=False)
+class _Active:
     """Engine-private state of one admitted request (owned by the worker thread)."""
 
     handle: RequestHandle
-    slot: int
-    layout: layout.RowLayout
+    seq: Seq
+    row: RowState
+    output: RequestOutput
     generator: torch.Generator
-    detok: sampling.Detokenizer
-    cached: int = 0  # tokens (virtual + prompt + generated) written to the cache
-    last: int = 0  # the newest generated token, not yet in the cache
-    generated: list[int] = field(default_factory=list)
-    text: str = ""  # completion text so far (stop strings already cut off)
-    emitted: int = 0  # characters of `text` already sent
-    offset: int = 0  # characters of the returned text before the completion (the echoed prompt)
+    first_token_seen: bool = False
 
     @property
     def request(self) -> Request:
@@ -218,28 +200,29 @@ class Engine:
         cap = min(self.info.max_positions, config.default_max_seq_len)
         self.max_seq_len = min(config.max_seq_len or cap, self.info.max_positions)
         self.cache = self._allocate_cache()
-        self._free = list(range(config.max_batch))  # heap: always take the lowest free slot
-        self._running: list[_Running] = []
-        self._waiting: deque[RequestHandle] = deque()
+        bank_slots = config.bank_slots or max(config.max_batch, self.registry.limits.device_adapters)
+        self.runner = ModelRunner(self.model, self.cache, bank_slots, compile=config.compile)
+        self.scheduler = Scheduler(config.max_batch, config.token_budget, config.max_queue)
+        self._active: dict[int, _Active] = {}  # id(seq) -> state
         self._cond = threading.Condition()
         self._stopping = False
         self._drain_deadline: float | None = None  # set by `drain`: no new requests; fail the rest after it
         self.hooks = hooks
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
-        self._decode_adapters: tuple | None = None  # (row key, merge state, AdapterBatch, prefix_hidden) of the last decode
         self._merge: merge_ops.MergeRecord | None = None
-        self._commands: deque[tuple] = deque()  # (fn, Future) to run between two steps
+        self._commands: list[tuple] = []  # (fn, Future) to run between two steps
 
     def _allocate_cache(self) -> KVCache:
-        """The KV cache is sized up front (max_batch x max_seq_len entries): say how big it is,
-        and turn an out-of-memory into an error that names the two knobs."""
+        """The KV cache is sized up front (max_batch x max_seq_len entries, plus one scratch slot
+        that padding rows of a static step write to): say how big it is, and turn an
+        out-of-memory into an error that names the two knobs."""
         per_token = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim * self.dtype.itemsize
-        need = per_token * self.config.max_batch * self.max_seq_len
+        need = per_token * (self.config.max_batch + 1) * self.max_seq_len
         log.info("KV cache: %d slots x %d tokens = %.1f MiB on %s", self.config.max_batch, self.max_seq_len,
                  need / 2**20, self.device)
         try:
-            return KVCache(self.info, self.config.max_batch, self.max_seq_len, self.dtype, self.device)
+            return KVCache(self.info, self.config.max_batch + 1, self.max_seq_len, self.dtype, self.device)
         except (torch.OutOfMemoryError, RuntimeError, MemoryError) as e:
             raise ModelLoadError(
                 f"cannot allocate the KV cache ({need / 2**30:.1f} GiB for {self.config.max_batch} slots x "
@@ -274,7 +257,7 @@ class Engine:
     @property
     def busy(self) -> bool:
         with self._cond:
-            return bool(self._running or self._waiting or self._commands)
+            return bool(self.scheduler.running or self.scheduler.waiting or self._commands)
 
     def stop(self, timeout: float | None = 30.0, grace: float | None = None) -> None:
         """Refuse new requests, fail the pending ones with `EngineUnavailable`, join the worker.
@@ -303,8 +286,9 @@ class Engine:
 
     def stats(self) -> dict:
         with self._cond:
-            return {"running": len(self._running), "waiting": len(self._waiting), "free_slots": len(self._free),
-                    "max_batch": self.config.max_batch, "max_seq_len": self.max_seq_len}
+            return {"running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                    "free_slots": self.scheduler.free_slots, "max_batch": self.config.max_batch,
+                    "max_seq_len": self.max_seq_len}
 
     def submit(self, request: Request, on_done: Callable[[], None] | None = None) -> RequestHandle:
         """Validate and queue a request. Raises InvalidRequest (400), CapacityExceeded (429)
@@ -314,14 +298,16 @@ class Engine:
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
         handle = RequestHandle(request, on_done)
+        lay = layout.row_layout(request.setup)
+        p = request.params
+        gated = any(getattr(e, "gate_weight", None) is not None for a in request.setup for e in a.linear.values()) or \
+            any(b.gate is not None for a in request.setup for b in a.bottleneck.values())
+        seq = Seq(handle, lay.virtual_tokens + len(request.prompt_ids),
+                  whole_prompt=gated or (p.echo and p.logprobs is not None))
         with self._cond:
             if self._stopping or self._drain_deadline is not None:
                 raise EngineUnavailable("the server is shutting down")
-            if len(self._waiting) >= self.config.max_queue:
-                raise CapacityExceeded(
-                    f"the request queue is full ({self.config.max_queue} waiting, {self.config.max_batch} running); retry later"
-                )
-            self._waiting.append(handle)
+            self.scheduler.enqueue(seq)
             self._cond.notify_all()
         return handle
 
@@ -348,140 +334,102 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._stopping or self._running or self._waiting or self._commands):
+                    while not (self._stopping or self.scheduler.running or self.scheduler.waiting or self._commands):
                         self._cond.wait()
                     if self._stopping:
                         return
-                    for h in [h for h in self._waiting if h.cancelled]:
-                        self._waiting.remove(h)
-                        h._push(Event(finish_reason="cancelled", prompt_tokens=len(h.request.prompt_ids)))
-                    admitted = [self._waiting.popleft() for _ in range(min(len(self._free), len(self._waiting)))]
+                    for seq in self.scheduler.drop_waiting(lambda s: s.payload.cancelled):
+                        seq.payload._push(Event(finish_reason="cancelled",
+                                                prompt_tokens=len(seq.payload.request.prompt_ids)))
                     late = self._drain_deadline is not None and time.monotonic() > self._drain_deadline
                 if late:  # draining and past the grace period: cancel what is left
-                    self._waiting.extendleft(reversed(admitted))
                     self._fail_all(EngineUnavailable("the server shut down before the request finished "
                                                      "(shutdown grace period exceeded)"))
                     continue
                 self._run_commands()  # merge / reset: between steps, never inside one
+                for state in [s for s in self._active.values() if s.handle.cancelled]:
+                    self._finish(state, "cancelled")
+                with self._cond:
+                    plan = self.scheduler.schedule()
                 try:
-                    self._step(admitted)
+                    self._step(plan)
                 except Exception as e:  # never let one bad step take the server down
                     log.exception("engine step failed")
-                    for r in list(self._running):
-                        self._fail(r, e)
-                    for h in admitted:  # admitted but failed before it ran: still owed an answer
-                        h._push(Event(error=AdapterRuntimeError(f"internal error: {type(e).__name__}: {e}")))
+                    for state in list(self._active.values()):
+                        self._fail(state, e)
 
-    def _step(self, admitted: list[RequestHandle]) -> None:
-        for r in [r for r in self._running if r.handle.cancelled]:
-            self._finish(r, "cancelled")
-        for group in self._prefill_groups(admitted):
-            self._prefill(group)
-        if self._running:
-            self._decode()
-
-    def _prefill_groups(self, admitted: list[RequestHandle]) -> list[list[RequestHandle]]:
-        """Admitted requests in prefill forwards of at most PREFILL_TOKENS padded tokens; a
-        request that echoes prompt logprobs needs logits at every position and goes alone."""
-        groups: list[list[RequestHandle]] = []
-        group: list[RequestHandle] = []
-        longest = 0
-        for h in admitted:
-            p = h.request.params
-            n = layout.row_layout(h.request.setup).virtual_tokens + len(h.request.prompt_ids)
-            if p.echo and p.logprobs is not None:
-                groups.append([h])
-                continue
-            if group and (len(group) + 1) * max(longest, n) > PREFILL_TOKENS:
-                groups.append(group)
-                group, longest = [], 0
-            group.append(h)
-            longest = max(longest, n)
-        return groups + ([group] if group else [])
-
-    def _prefill(self, handles: list[RequestHandle]) -> None:
-        """Write the requests' prefixes, run their prompts in one right-padded forward (rows may
-        differ in length and adapters) and emit each one's first token."""
-        rows: list[_Running] = []
-        tokens: list[list[int]] = []
-        for handle in handles:
-            req, p = handle.request, handle.request.params
-            lay = layout.row_layout(req.setup)
-            r = _Running(handle, heapq.heappop(self._free), lay, sampling.make_generator(p.seed, self.device),
-                         sampling.Detokenizer(self.tokenizer, () if p.echo else req.prompt_ids))
-            self._running.append(r)
-            try:
-                layout.write_prefixes(self.cache, r.slot, req.setup, self.info.num_layers)
-            except Exception as e:
-                self._fail(r, e)
-                continue
-            rows.append(r)
-            tokens.append([0] * lay.virtual_tokens + list(req.prompt_ids))
-        if not rows:
-            return
-        setups = [r.request.setup for r in rows]
-        lens = [len(t) for t in tokens]
-        all_logits = any(r.params.echo and r.params.logprobs is not None for r in rows)
+    def _admit(self, seq: Seq) -> _Active | None:
+        """A request just got a KV slot: its per-request state, its prefix entries in the cache,
+        its adapter in the banks. On failure the request fails alone."""
+        handle: RequestHandle = seq.payload
+        req, p = handle.request, handle.request.params
+        lay = layout.row_layout(req.setup)
+        row = RowState([0] * lay.virtual_tokens + list(req.prompt_ids), req.setup, lay,
+                       all_logits=p.echo and p.logprobs is not None)
+        output = RequestOutput(req.prompt_ids, p, self.tokenizer, self.loaded.eos_token_ids, handle._push)
+        state = _Active(handle, seq, row, output, sampling.make_generator(p.seed, self.device))
+        self._active[id(seq)] = state
         try:
-            batch = ForwardBatch.build(
-                tokens, [r.layout.positions(0, n) for r, n in zip(rows, lens)], [r.slot for r in rows],
-                [r.layout.prefix_len for r in rows], self.device,
-                adapters=self._adapter_batch(setups, lens, [r.layout.virtual_tokens > 0 for r in rows], max(lens)),
-                all_logits=all_logits,
-                prefix_hidden=self._prefix_hidden(setups),
-            )
-            logits = self.model(batch, self.cache).float()  # [B, S, V] (all_logits) or [B, 1, V]
+            prefix_method.write(self.cache, seq.slot, req.setup, self.info.num_layers)
+            self.runner.admit(req.setup, [r.row.setup for r in self._active.values() if r is not state])
         except Exception as e:
-            for r in rows:
-                self._fail(r, e)
+            self._fail(state, e)
+            return None
+        return state
+
+    def _step(self, plan: StepPlan) -> None:
+        for seq in plan.admitted:
+            self._admit(seq)
+        plan = StepPlan([s for s in plan.decode if not s.finished], [c for c in plan.prefill if not c.seq.finished])
+        if plan.empty:
             return
-        for b, (r, n) in enumerate(zip(rows, lens)):
-            p = r.params
-            try:
-                row = logits[b, :n] if all_logits else logits[b]  # [n or 1, V]
-                r.cached = n
-                if p.echo:
-                    self._emit_prompt(r, row[r.layout.virtual_tokens :] if p.logprobs is not None else None)
-                if p.max_tokens == 0:
-                    self._finish(r, "length")
-                    continue
-                self._accept(r, sampling.next_tokens(row[-1:], [p], [r.generator])[0], row[-1])
-            except Exception as e:
-                self._fail(r, e)
-
-    def _decode(self) -> None:
-        rows = sorted(self._running, key=lambda r: r.slot)  # contiguous slots -> a cache view
-        setups = [r.request.setup for r in rows]
-        B = len(rows)
-        # the same rows with the same setups as last step (and no merge/reset since): reuse its
-        # AdapterBatch, and with it the per-site LoRA stacks it memoizes
-        key = tuple((r.slot, tuple(id(a) for a in r.request.setup)) for r in rows)
-        memo = self._decode_adapters
-        if memo is None or memo[0] != key or memo[1] is not self._merge:
-            memo = self._decode_adapters = (key, self._merge, self._adapter_batch(setups, [1] * B, [False] * B, 1),
-                                            self._prefix_hidden(setups))
-        batch = ForwardBatch.build(
-            [[r.last] for r in rows],
-            [r.layout.positions(r.cached, 1) for r in rows],
-            [r.slot for r in rows],
-            [r.layout.prefix_len + r.cached for r in rows],
-            self.device,
-            adapters=memo[2],
-            prefix_hidden=memo[3],
-        )
-        logits = self.model(batch, self.cache)[:, -1].float()  # [B, V]
-        for r in rows:
-            r.cached += 1
-        tokens = sampling.next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
-        for b, (r, token) in enumerate(zip(rows, tokens)):
-            try:
-                self._accept(r, token, logits[b])
-            except Exception as e:
-                self._fail(r, e)
-
-    def _adapter_batch(self, setups: Sequence[Setup], lens: list[int], prompt: list[bool], seq_len: int):
+        rows = {id(s): self._active[id(s)].row for s in [*plan.decode, *(c.seq for c in plan.prefill)]}
         merged = self._merge.merged if self._merge is not None else None
-        return build_adapter_batch(setups, lens, prompt, seq_len, self.device, merged=merged)
+        logits = self.runner.execute(plan, rows, merged).float()  # [M, V]
+        self.scheduler.advance(plan)
+        # rows that get a token now: every decode row, and each chunk that completes its prompt
+        takers: list[tuple[_Active, torch.Tensor]] = []
+        m = 0
+        for seq in plan.decode:
+            takers.append((self._active[id(seq)], logits[m]))
+            m += 1
+        for chunk in plan.prefill:
+            state = self._active[id(chunk.seq)]
+            n = chunk.count if state.row.all_logits else 1
+            rows_logits = logits[m : m + n]
+            m += n
+            if not chunk.completes_prompt:
+                continue
+            try:
+                if state.params.echo:
+                    v = state.row.layout.virtual_tokens
+                    state.output.prompt_chunk(0, rows_logits[v:] if state.row.all_logits else None)
+                    state.output.emit_prompt()
+                if state.params.max_tokens == 0:
+                    self._finish(state, "length")
+                    continue
+            except Exception as e:
+                self._fail(state, e)
+                continue
+            takers.append((state, rows_logits[-1]))
+        if not takers:
+            return
+        tokens = sampling.next_tokens(torch.stack([t[1] for t in takers]), [s.params for s, _ in takers],
+                                      [s.generator for s, _ in takers])
+        for (state, row_logits), token in zip(takers, tokens):
+            try:
+                self._accept(state, token, row_logits)
+            except Exception as e:
+                self._fail(state, e)
+
+    def _accept(self, state: _Active, token: int, logits: torch.Tensor) -> None:
+        state.row.last = token
+        if not state.first_token_seen:
+            state.first_token_seen = True
+            self._hook(self.hooks.first_token, state.request, time.monotonic() - state.handle.submitted)
+        last = state.output.accept(token, logits)
+        if last is not None:
+            self._finish(state, last.finish_reason, replace(last, finish_reason=None))
 
     # ------------------------------------------------------------------ merge / reset
     @property
@@ -497,6 +445,7 @@ class Engine:
             if self._merge is not None:
                 raise AdapterConflict(f"adapter {self.merged_name!r} is merged; reset it before merging {name!r}")
             self._merge = merge_ops.merge(self.model, adapter)
+            self.runner.refresh_weights()
             log.info("merged adapter %r into the base weights", name)
             return name
 
@@ -512,13 +461,15 @@ class Engine:
             name = self.merged_name
             merge_ops.reset(self.model, self._merge)
             self._merge = None
+            self.runner.refresh_weights()
             log.info("reset: adapter %r unmerged, base weights restored", name)
             return name
 
         return self._between_steps(do, timeout)
 
     def _between_steps(self, fn, timeout: float | None):
-        """Run `fn` on the worker thread between two steps (or here if no worker runs)."""
+        """Run `fn` on the worker thread between two steps (or here if no worker runs). A
+        command whose caller stopped waiting (timeout) is cancelled, never applied later."""
         if self._thread is None or threading.current_thread() is self._thread:
             with torch.inference_mode():
                 return fn()
@@ -528,87 +479,26 @@ class Engine:
                 raise EngineUnavailable("the server is shutting down")
             self._commands.append((fn, future))
             self._cond.notify_all()
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():  # still queued: it will never run
+                raise EngineUnavailable(f"the engine did not reach a step boundary within {timeout}s; "
+                                        "the command was cancelled") from None
+            return future.result()  # already running: its outcome is the answer
 
     def _run_commands(self) -> None:
         with self._cond:
-            commands, self._commands = list(self._commands), deque()
+            commands, self._commands = self._commands, []
         for fn, future in commands:
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller timed out and cancelled it
             try:
                 future.set_result(fn())
             except Exception as e:
                 future.set_exception(e)
 
-    def _prefix_hidden(self, setups: Sequence[Setup]) -> dict:
-        if not any(a.prefix is not None for s in setups for a in s):
-            return {}
-        return layout.hidden_prefix_ranges(setups, self.info.num_layers, self.device)
-
-    # ------------------------------------------------------------------ outputs
-    def _token_str(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def _logprob(self, logits: Tensor, token: int, n: int, offset: int) -> TokenLogprob:
-        """logits [V] predicting `token`: its logprob and the n most likely alternatives."""
-        lp, top = sampling.token_logprobs(logits, token, n)
-        alternatives: dict[str, float] = {}
-        for t, v in top:  # most likely first: tokens that decode alike keep the highest logprob
-            alternatives.setdefault(self._token_str(t), v)
-        alternatives.setdefault(self._token_str(token), lp)  # the chosen token, as OpenAI lists it
-        return TokenLogprob(self._token_str(token), lp, alternatives, offset)
-
-    def _emit_prompt(self, r: _Running, logits: Tensor | None) -> None:
-        """Echo: the prompt's text and, with logits [P, V], each prompt token's logprob
-        given the tokens before it (the first has none, as in OpenAI's API)."""
-        n = r.params.logprobs or 0
-        entries, text = [], ""
-        for i, token in enumerate(r.request.prompt_ids):
-            if logits is not None:
-                if i == 0:
-                    entries.append(TokenLogprob(self._token_str(token), None, None, len(text)))
-                else:
-                    entries.append(self._logprob(logits[i - 1], token, n, len(text)))
-            text += r.detok.push(token)
-        text += r.detok.flush()
-        r.offset = len(text)
-        r.handle._push(Event(text=text, logprobs=tuple(entries), prompt_tokens=len(r.request.prompt_ids)))
-
-    def _accept(self, r: _Running, token: int, logits: Tensor) -> None:
-        """Record a generated token, check stop conditions, emit what is safe to emit."""
-        p = r.params
-        r.generated.append(token)
-        r.last = token
-        if len(r.generated) == 1:
-            self._hook(self.hooks.first_token, r.request, time.monotonic() - r.handle.submitted)
-        entry = ()
-        if p.logprobs is not None:
-            entry = (self._logprob(logits, token, p.logprobs, r.offset + len(r.text)),)
-        finish = None
-        start = max(len(r.text) - p.max_stop_len + 1, 0)
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.loaded.eos_token_ids):
-            finish = "stop"  # the end token itself adds no text
-        else:
-            r.text += r.detok.push(token)
-            if len(r.generated) >= p.max_tokens:
-                finish = "length"
-        if finish:
-            r.text += r.detok.flush()  # an unfinished character at the very end becomes U+FFFD
-        if p.stop and (cut := sampling.find_stop(r.text, p.stop, start)) is not None:
-            r.text, finish = r.text[:cut], "stop"
-        # hold back a tail that could still become a stop string
-        safe = len(r.text) if finish or not p.stop else max(len(r.text) - p.max_stop_len + 1, r.emitted)
-        delta = r.text[r.emitted : safe]
-        r.emitted = safe
-        if finish is None:
-            r.handle._push(Event(text=delta, token_ids=(token,), logprobs=entry))
-        else:
-            self._finish(r, finish, Event(text=delta, token_ids=(token,), logprobs=entry))
-
-    def _release(self, r: _Running) -> None:
-        if r in self._running:
-            self._running.remove(r)
-            heapq.heappush(self._free, r.slot)
-
+    # ------------------------------------------------------------------ endings
     def _hook(self, fn, *args) -> None:
         if fn is None:
             return
@@ -617,31 +507,40 @@ class Engine:
         except Exception:  # an observer never takes the engine down
             log.exception("engine hook failed")
 
-    def _finish(self, r: _Running, reason: str, last: Event = Event()) -> None:
-        self._release(r)
-        self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
-        r.handle._push(replace(last, finish_reason=reason, prompt_tokens=len(r.request.prompt_ids),
-                               completion_tokens=len(r.generated)))
+    def _release(self, state: _Active) -> bool:
+        """Free the request's slot; False if it was already released."""
+        if self._active.pop(id(state.seq), None) is None:
+            return False
+        with self._cond:
+            self.scheduler.finish(state.seq)
+        return True
 
-    def _fail(self, r: _Running, error: Exception) -> None:
+    def _finish(self, state: _Active, reason: str, last: Event = Event()) -> None:
+        if not self._release(state):
+            return
+        prompt, completion = len(state.request.prompt_ids), len(state.output.generated)
+        self._hook(self.hooks.finished, state.request, prompt, completion)
+        state.handle._push(replace(last, finish_reason=reason, prompt_tokens=prompt, completion_tokens=completion))
+
+    def _fail(self, state: _Active, error: Exception) -> None:
         if not isinstance(error, AdapterRuntimeError):
-            log.exception("request %s failed", r.request.request_id, exc_info=error)
+            log.exception("request %s failed", state.request.request_id, exc_info=error)
             error = AdapterRuntimeError(f"internal error: {type(error).__name__}: {error}")
-        if r in self._running:
-            self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
-        self._release(r)
-        r.handle._push(Event(error=error))
+        if self._release(state):
+            self._hook(self.hooks.finished, state.request, len(state.request.prompt_ids), len(state.output.generated))
+        state.handle._push(Event(error=error))
 
     def _fail_all(self, error: AdapterRuntimeError) -> None:
         with self._cond:
-            waiting, self._waiting = list(self._waiting), deque()
-            commands, self._commands = list(self._commands), deque()
+            waiting = self.scheduler.take_waiting()
+            commands, self._commands = self._commands, []
         for _, future in commands:
-            future.set_exception(error)
-        for h in waiting:
-            h._push(Event(error=error))
-        for r in list(self._running):
-            self._fail(r, error)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        for seq in waiting:
+            seq.payload._push(Event(error=error))
+        for state in list(self._active.values()):
+            self._fail(state, error)
 
 
 def build_engine(
@@ -658,6 +557,8 @@ def build_engine(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(model, dtype, device)
     engine = Engine(loaded, config=config)
+    if config.compile:
+        engine.runner.warm_up()
     if adapters:
         from .formats import load_adapter
 

@@ -1,19 +1,25 @@
-"""The per-row adapter dispatch against a plain loop: every row alone through the pure
-method functions. Covers the gathered paths (many groups of one kind at a site), with all
-rows covered, some rows without adapters, and stacks mixed in."""
+"""The adapter step at one site against a plain loop: every row alone through the reference
+math of methods/. Rows served from the banks (per-token gathers, and per-slot groups), rows
+on the side path (stacks, gated adapters), rows without adapters, all in one step."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 import torch
 
-from adapter_runtime.adapters import Adapter, Bottleneck, LoRA, Scale
-from adapter_runtime.batch import build_adapter_batch
+from adapter_runtime.adapters import Adapter, Bottleneck, Invertible, LoRA, Scale
+from adapter_runtime.banks import AdapterBanks
+from adapter_runtime.batch import build_adapter_step
 from adapter_runtime.methods import bottleneck as bottleneck_math
-from adapter_runtime.methods import lora as linear_math
+from adapter_runtime.methods import invertible as invertible_math
+from adapter_runtime.methods import stack as stack_math
+from adapter_runtime.models.common import ModelInfo
 
-H, OUT, S = 16, 24, 3
+H, OUT = 16, 24
 g = torch.Generator().manual_seed(0)
+INFO = ModelInfo("test", "test", H, 1, 1, 1, H, H, 10, 64, {"m": (H, OUT)})
 
 
 def rand(*shape):
@@ -28,49 +34,95 @@ def bottleneck(act, d, **flags):
     return Bottleneck(rand(d, H), rand(d), rand(H, d), rand(H), act, 0.7, **flags)
 
 
-def adapter(name, linear=None, bn=None):
+def ln():
+    return (1 + 0.1 * rand(H), 0.1 * rand(H))
+
+
+def adapter(name, linear=None, bn=None, inv=None):
     return Adapter(name, "test", "test", {}, linear={(0, "m"): linear} if linear else {},
-                   bottleneck={(0, "ffn"): bn} if bn else {})
+                   bottleneck={(0, "ffn"): bn} if bn else {}, invertible=inv)
 
 
+def invertible(act, width):
+    half = H // 2
+    return Invertible(rand(width, half), rand(width), rand(half, width), rand(half),
+                      rand(width, half), rand(width), rand(half, width), rand(half), act)
+
+
+# every combination of the five bottleneck flags, with and without the adapter LayerNorms
+FLAG_NAMES = ("is_parallel", "original_ln_before", "residual_before_ln", "adapter_residual_before_ln", "original_ln_after")
+VARIANTS = [adapter(f"bn{i}", bn=bottleneck(("relu", "swish", "gelu")[i % 3], 2 + i % 5, **dict(zip(FLAG_NAMES, flags)),
+                                            ln_before=ln() if i % 4 == 1 else None, ln_after=ln() if i % 3 == 2 else None))
+            for i, flags in enumerate(itertools.product([False, True], repeat=5))]
 ADAPTERS = [
     adapter("l1", lora(2)), adapter("l2", lora(4)), adapter("l3", lora(3)),
     adapter("o1", Scale(rand(OUT))), adapter("o2", Scale(rand(OUT))),
     adapter("i1", Scale(rand(H), on_input=True)), adapter("i2", Scale(rand(H), on_input=True)),
-    adapter("pf1", bn=bottleneck("relu", 4)), adapter("pf2", bn=bottleneck("relu", 6, original_ln_after=False)),
-    adapter("pf3", bn=bottleneck("relu", 3, residual_before_ln=False)),
-    adapter("hb1", bn=bottleneck("swish", 4, original_ln_before=False)),
-    adapter("hb2", bn=bottleneck("swish", 2, original_ln_before=False, residual_before_ln=False)),
+    adapter("chan", bn=Bottleneck(rand(3, H), None, rand(H, 3), None, "relu", rand(H))),
+    adapter("inv1", inv=invertible("relu", 4)), adapter("inv2", inv=invertible("gelu", 6)),
+    adapter("madx", bn=bottleneck("relu", 4), inv=invertible("relu", 3)),
     adapter("gated", bn=Bottleneck(rand(4, H), rand(4), rand(H, 4), rand(H), "relu", 1.0, gate=(rand(1, H), rand(1)))),
+    adapter("gated-lora", LoRA(rand(2, H), rand(OUT, 2), 1.0, gate_weight=rand(2, H), gate_bias=rand(2))),
+    *VARIANTS,
 ]
 BY_NAME = {a.name: a for a in ADAPTERS}
 
 
-def reference_row(setup, x, s, r, weight):
-    base = lambda v: v @ weight.T  # noqa: E731
-    effects = [e for a in setup if (e := a.linear.get((0, "m"))) is not None]
-    y = linear_math.apply_output(x, base(linear_math.scale_input(x, effects)), effects, None) if effects else base(x)
+def reference_row(setup, x, s, r, e, weight):
+    """One row alone (x, s, r, e [n, H]) through the reference math."""
+    one_row = torch.zeros(x.shape[0], dtype=torch.long)  # gates average over the row's tokens
+    effects = [f for a in setup if (f := a.linear.get((0, "m"))) is not None]
+    y = stack_math.apply_output(x, stack_math.scale_input(x, effects) @ weight.T, effects, one_row)
     bns = [b for a in setup if (b := a.bottleneck.get((0, "ffn"))) is not None]
-    h = bottleneck_math.compose(bns, s, r, None) if bns else s + r
-    return y, h
+    h = bottleneck_math.compose(bns, s, r, one_row) if bns else s + r
+    if setup and setup[0].invertible is not None:
+        e = invertible_math.forward(setup[0].invertible, e)
+    return y, h, e
 
 
-@pytest.mark.parametrize("rows", [
-    ["l1", "l2", "l3", "o1", "o2", "i1", "i2", "pf1", "pf2", "pf3", "hb1", "hb2", "gated"],  # every row has one
-    ["l1", None, "l2", "o1", None, "o2", "i1", "i2", "pf1", "hb1", "pf3", "pf2", "hb2", None],  # base rows between
-    [("l1", "pf1"), "l1", "l1", "l2", ("pf1", "pf2"), "pf1", "pf2", None],  # stacks next to single adapters
-])
-def test_dispatch_equals_plain_loop(rows):
+def close(got, want) -> bool:
+    """Equal up to fp32 summation order (random unscaled weights make values large)."""
+    return bool((got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item()))
+
+
+ROWS = [
+    [a.name for a in ADAPTERS],  # every row has one
+    ["l1", None, "l2", "o1", None, "o2", "i1", "i2", "bn3", "bn17", "inv1", "madx", "gated", None],  # base rows between
+    [("l1", "bn1"), "l1", "l1", "l2", ("bn1", "bn2"), "bn1", "bn2", "gated-lora", None],  # stacks next to single adapters
+]
+
+
+@pytest.mark.parametrize("tokens_per_row", [1, 3])
+@pytest.mark.parametrize("gather", [True, False])
+@pytest.mark.parametrize("rows", ROWS)
+def test_step_equals_plain_loop(rows, gather, tokens_per_row):
     setups = [() if n is None else tuple(BY_NAME[m] for m in ((n,) if isinstance(n, str) else n)) for n in rows]
-    B = len(setups)
-    x, s, r = rand(B, S, H), rand(B, S, H), rand(B, S, H)
+    B, n = len(setups), tokens_per_row
+    banks = AdapterBanks(INFO, 64, torch.device("cpu"), torch.float32)
+    step = build_adapter_step(setups, [n] * B, "cpu", banks=banks, gather=gather)
+    x, s, r, e = (rand(B * n, H) for _ in range(4))
     weight = rand(OUT, H)
-    batch = build_adapter_batch(setups, [S] * B, [False] * B, S, torch.device("cpu"))
     x_before = x.clone()
-    y = batch.linear(0, "m", lambda v: v @ weight.T, x)
-    h = batch.residual(0, "ffn", s, r)
+    y = step.linear(0, "m", lambda v: v @ weight.T, x)
+    h = step.residual(0, "ffn", s, r)
+    emb = step.embeddings(e.clone())
     assert torch.equal(x, x_before), "the site input must not be modified in place"
     for b, setup in enumerate(setups):
-        y_ref, h_ref = reference_row(setup, x[b : b + 1], s[b : b + 1], r[b : b + 1], weight)
-        assert (y[b : b + 1] - y_ref).abs().max() <= 1e-5, rows[b]
-        assert (h[b : b + 1] - h_ref).abs().max() <= 1e-5, rows[b]
+        t = slice(b * n, (b + 1) * n)
+        y_ref, h_ref, e_ref = reference_row(setup, x[t], s[t], r[t], e[t], weight)
+        assert close(y[t], y_ref) and close(h[t], h_ref) and close(emb[t], e_ref), rows[b]
+        if not setup:  # no adapter: bit for bit the base
+            assert torch.equal(y[t], (x @ weight.T)[t]) and torch.equal(h[t], s[t] + r[t]) and torch.equal(emb[t], e[t])
+
+
+def test_slots_are_reused_and_follow_identity_not_name():
+    banks = AdapterBanks(INFO, 2, torch.device("cpu"), torch.float32)
+    a, b, c = (adapter("same-name", lora(2)) for _ in range(3))
+    sa, sb = banks.slot(a), banks.slot(b)
+    assert sa != sb and banks.slot(a) == sa  # same name, different adapters: different slots
+    sc = banks.slot(c, in_use=[sa])  # full: the least recently used slot not in use goes
+    assert sc == sb and banks.peek(b) is None and banks.peek(a) == sa
+    x = rand(1, H)
+    step = build_adapter_step([(c,)], [1], "cpu", banks=banks)
+    y = step.linear(0, "m", lambda v: torch.zeros(1, OUT), x)
+    assert close(y, stack_math.apply_output(x, torch.zeros(1, OUT), [c.linear[(0, "m")]], None))

@@ -10,19 +10,26 @@ Reference loop at one location, s = sublayer output, r = residual before the sub
         v = forward(a, x, ares)
     last parallel:   h = v + s (+ r if original_ln_after)
     last sequential: h = v + r if original_ln_after else v
+
+Bank: per (location, activation) the down/up weights and biases, the scaling as a [H] vector,
+the LayerNorms and the five flags of every adapter, one slot each (bottleneck widths zero-padded
+to the widest: act(0) = 0 for the activations banked and the padded up-columns are zero). One
+gathered pass computes every token's adapter; `torch.where` on the flags picks, per token, what
+the branchy reference would compute, and tokens whose slot has no adapter here keep s + r.
+Gated adapters (a mean over the chunk's tokens) take the side path.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapters import Bottleneck
-from .lora import per_row, token_mean
+from ..adapters import Adapter, Bottleneck
+from . import token_mean
 
 LN_EPS = 1e-5  # adapter LayerNorms are nn.LayerNorm(H) with the default eps, on Llama too
 
@@ -46,18 +53,18 @@ def _layer_norm(x: Tensor, params: tuple[Tensor, Tensor] | None) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, LN_EPS)
 
 
-def branch(a: Bottleneck, x: Tensor, token_mask: Tensor | None) -> Tensor:
-    """u(x) = U(act(D(LN_before(x)))) * scaling * gate(x)   [n, S, H]"""
+def branch(a: Bottleneck, x: Tensor, segments: Tensor | None) -> Tensor:
+    """u(x) = U(act(D(LN_before(x)))) * scaling * gate(x)   [n, H]"""
     z = F.linear(_layer_norm(x, a.ln_before), a.down_weight, a.down_bias)
     up = F.linear(activation(a.activation)(z), a.up_weight, a.up_bias) * a.scaling
-    if a.gate is not None:  # gate reads the pre-LN input; mean over the chunk's tokens
-        up = up * token_mean(torch.sigmoid(F.linear(x, *a.gate)), token_mask)
+    if a.gate is not None:  # gate reads the pre-LN input; mean over the row's tokens in this forward
+        up = up * token_mean(torch.sigmoid(F.linear(x, *a.gate)), segments)
     return up
 
 
-def forward(a: Bottleneck, x: Tensor, ares: Tensor, token_mask: Tensor | None) -> Tensor:
+def forward(a: Bottleneck, x: Tensor, ares: Tensor, segments: Tensor | None) -> Tensor:
     """One adapter's output before the block's post-processing (§3.1 steps 2-5)."""
-    out = branch(a, x, token_mask)
+    out = branch(a, x, segments)
     if a.is_parallel:
         return _layer_norm(out, a.ln_after)
     if a.adapter_residual_before_ln:
@@ -68,7 +75,7 @@ def forward(a: Bottleneck, x: Tensor, ares: Tensor, token_mask: Tensor | None) -
     return out
 
 
-def compose(stack: Sequence[Bottleneck], s: Tensor, r: Tensor, token_mask: Tensor | None) -> Tensor:
+def compose(stack: Sequence[Bottleneck], s: Tensor, r: Tensor, segments: Tensor | None) -> Tensor:
     """The block's hidden state after the location: see the module docstring."""
     v = s
     for a in stack:
@@ -77,7 +84,7 @@ def compose(stack: Sequence[Bottleneck], s: Tensor, r: Tensor, token_mask: Tenso
         else:
             x = v + r if a.original_ln_before else v
             ares = v if a.residual_before_ln is True else x
-        v = forward(a, x, ares, token_mask)
+        v = forward(a, x, ares, segments)
     last = stack[-1]
     if last.is_parallel:
         return v + s + r if last.original_ln_after else v + s
@@ -91,58 +98,129 @@ def phm_weight(rule: Tensor, W: Tensor) -> Tensor:
     return sum(torch.kron(rule[i], W[i]) for i in range(rule.shape[0]))
 
 
-# --------------------------------------------------------------------------- gathered path
-# Many groups with one plain sequential adapter at a site (Pfeiffer, Houlsby, Compacter after
-# materialization): stack their weights per row, bottleneck widths zero-padded to the widest
-# (act(0) = 0 for every activation used here, and the padded up-columns are zero, so the
-# padding adds exact zeros), and run two batched matmuls. The per-row flags are 0/1 floats,
-# so `s + 0 * r` and `1 * s + 0 * x` reproduce the branchy reference exactly.
+# --------------------------------------------------------------------------- bank
+FLAGS = ("is_parallel", "original_ln_before", "residual_before_ln", "adapter_residual_before_ln", "original_ln_after")
 
 
-class StackedSequential(NamedTuple):
-    down: Tensor  # [n, d, H]
-    down_bias: Tensor  # [n, 1, d]
-    up: Tensor  # [n, H, d]
-    up_bias: Tensor  # [n, 1, H]
-    scaling: Tensor  # [n, 1, 1]
-    add_r_before: Tensor  # [n, 1, 1] original_ln_before
-    residual_is_s: Tensor  # [n, 1, 1] residual_before_ln is True
-    add_r_after: Tensor  # [n, 1, 1] original_ln_after
+def _banked_layer_norm(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """F.layer_norm with a per-token affine (weight/bias [n, H])."""
+    return F.layer_norm(t, (t.shape[-1],), None, None, LN_EPS) * weight + bias
 
 
-def is_plain_sequential(a: Bottleneck) -> bool:
-    return (not a.is_parallel and a.ln_before is None and a.ln_after is None and a.gate is None
-            and isinstance(a.scaling, float) and activation(a.activation)(torch.zeros(1)).item() == 0.0)
+def banked_compose(w: dict, act: str, s: Tensor, r: Tensor, slots: Tensor) -> Tensor:
+    """compose([a_i], s_i, r_i) for every token i at once, a_i = the adapter in slot slots[i];
+    s, r [n, H] -> h [n, H]; tokens whose slot holds no adapter get s + r."""
+    flag = {name: w[name][slots][:, None] for name in (*FLAGS, "present")}  # [n, 1] bool each
+    par = flag["is_parallel"]
+    x_seq = torch.where(flag["original_ln_before"], s + r, s)
+    x = torch.where(par, r, x_seq)
+    ares = torch.where(par, r, torch.where(flag["residual_before_ln"], s, x_seq))
+    if "ln_before" in w:
+        lw, lb, has = w["ln_before"]
+        x = torch.where(has[slots][:, None], _banked_layer_norm(x, lw[slots], lb[slots]), x)
+    z = torch.bmm(w["down"][slots], x[:, :, None])[:, :, 0] + w["down_bias"][slots]  # [n, d]
+    up = (torch.bmm(w["up"][slots], activation(act)(z)[:, :, None])[:, :, 0] + w["up_bias"][slots]) * w["scaling"][slots]
+    residual_first = flag["adapter_residual_before_ln"] & ~par
+    t = torch.where(residual_first, up + ares, up)
+    if "ln_after" in w:
+        lw, lb, has = w["ln_after"]
+        t = torch.where(has[slots][:, None], _banked_layer_norm(t, lw[slots], lb[slots]), t)
+    out = torch.where(residual_first | par, t, t + ares)
+    keep_r = flag["original_ln_after"]
+    h = torch.where(par, torch.where(keep_r, out + s + r, out + s), torch.where(keep_r, out + r, out))
+    return torch.where(flag["present"], h, s + r)
 
 
-def stack_sequential(adapters: Sequence[Bottleneck], rows_per_adapter: Sequence[int]) -> StackedSequential:
-    d_max = max(a.down_weight.shape[0] for a in adapters)
-    like = adapters[0].down_weight
+class BottleneckBank:
+    kind = "bottleneck"
 
-    def stacked(tensors) -> Tensor:  # [groups, ...] -> [rows, ...]
-        return per_row(torch.stack(list(tensors)), rows_per_adapter)
+    def __init__(self, info, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.info, self.capacity, self.device, self.dtype = info, capacity, device, dtype
+        self.sites: dict[tuple[tuple[int, str], str], dict] = {}  # ((layer, location), activation) -> tensors
+        self.held: dict[int, dict] = {}  # slot -> {(layer, location): Bottleneck}
 
-    def flags(values) -> Tensor:  # one float per adapter -> [rows, 1, 1]
-        return stacked(like.new_tensor([float(v) for v in values])[:, None, None])
+    @staticmethod
+    def accepts(adapter: Adapter) -> bool:
+        return all(b.gate is None for b in adapter.bottleneck.values())
 
-    return StackedSequential(
-        down=stacked(F.pad(a.down_weight, (0, 0, 0, d_max - a.down_weight.shape[0])) for a in adapters),
-        down_bias=stacked(F.pad(a.down_bias if a.down_bias is not None else like.new_zeros(a.down_weight.shape[0]),
-                                (0, d_max - a.down_weight.shape[0]))[None] for a in adapters),
-        up=stacked(F.pad(a.up_weight, (0, d_max - a.up_weight.shape[1])) for a in adapters),
-        up_bias=stacked((a.up_bias if a.up_bias is not None else like.new_zeros(a.up_weight.shape[0]))[None]
-                        for a in adapters),
-        scaling=flags(a.scaling for a in adapters),
-        add_r_before=flags(a.original_ln_before for a in adapters),
-        residual_is_s=flags(a.residual_before_ln is True for a in adapters),
-        add_r_after=flags(a.original_ln_after for a in adapters),
-    )
+    def signature(self) -> tuple:
+        return tuple(sorted((key, tuple(w["down"].shape), "ln_before" in w, "ln_after" in w)
+                            for key, w in self.sites.items()))
 
+    def _tensors(self, key, d: int, H: int, ln_before: bool, ln_after: bool) -> dict:
+        w = self.sites.get(key)
+        C, kw = self.capacity, {"device": self.device, "dtype": self.dtype}
+        if w is None or w["down"].shape[1] < d:  # new, or wider: grow (zero padding is exact)
+            grown = {"down": torch.zeros(C, d, H, **kw), "down_bias": torch.zeros(C, d, **kw),
+                     "up": torch.zeros(C, H, d, **kw), "up_bias": torch.zeros(C, H, **kw),
+                     "scaling": torch.ones(C, H, **kw),
+                     **{name: torch.zeros(C, dtype=torch.bool, device=self.device) for name in (*FLAGS, "present")}}
+            if w is not None:
+                old = w["down"].shape[1]
+                grown["down"][:, :old], grown["down_bias"][:, :old], grown["up"][:, :, :old] = \
+                    w["down"], w["down_bias"], w["up"]
+                for name, value in w.items():
+                    if name not in ("down", "down_bias", "up"):
+                        grown[name] = value
+            w = self.sites[key] = grown
+        for name, needed in (("ln_before", ln_before), ("ln_after", ln_after)):
+            if needed and name not in w:
+                w[name] = (torch.ones(C, H, **kw), torch.zeros(C, H, **kw),
+                           torch.zeros(C, dtype=torch.bool, device=self.device))
+        return w
 
-def gathered_sequential(w: StackedSequential, activation_name: str, s: Tensor, r: Tensor) -> Tensor:
-    """compose([a_i], s_i, r_i) for every row i at once; s, r [n, S, H] -> h [n, S, H]."""
-    x = s + w.add_r_before * r
-    ares = w.residual_is_s * s + (1 - w.residual_is_s) * x
-    z = activation(activation_name)(torch.baddbmm(w.down_bias, x, w.down.transpose(1, 2)))
-    up = torch.baddbmm(w.up_bias, z, w.up.transpose(1, 2)) * w.scaling
-    return up + ares + w.add_r_after * r
+    def write(self, slot: int, adapter: Adapter) -> None:
+        self.held[slot] = dict(adapter.bottleneck)
+        for site, b in adapter.bottleneck.items():
+            d, H = b.down_weight.shape[0], self.info.hidden_size
+            w = self._tensors((site, b.activation.lower()), d, H, b.ln_before is not None, b.ln_after is not None)
+            self._zero(w, slot)
+            w["down"][slot, :d] = b.down_weight
+            w["up"][slot, :, :d] = b.up_weight
+            if b.down_bias is not None:
+                w["down_bias"][slot, :d] = b.down_bias
+            if b.up_bias is not None:
+                w["up_bias"][slot] = b.up_bias
+            w["scaling"][slot] = torch.as_tensor(b.scaling, dtype=self.dtype, device=self.device).expand(H)
+            for name in FLAGS:
+                w[name][slot] = getattr(b, name) is True
+            w["present"][slot] = True
+            for name in ("ln_before", "ln_after"):
+                if getattr(b, name) is not None:
+                    lw, lb, has = w[name]
+                    lw[slot], lb[slot], has[slot] = getattr(b, name)[0], getattr(b, name)[1], True
+
+    def _zero(self, w: dict, slot: int) -> None:
+        for name, value in w.items():
+            if name in ("ln_before", "ln_after"):
+                value[0][slot], value[1][slot], value[2][slot] = 1.0, 0.0, False
+            elif name == "scaling":
+                value[slot] = 1.0
+            else:
+                value[slot] = 0
+
+    def clear(self, slot: int) -> None:
+        for site, b in self.held.pop(slot, {}).items():
+            if (site, b.activation.lower()) in self.sites:
+                self._zero(self.sites[(site, b.activation.lower())], slot)
+
+    def active_sites(self, slots) -> set:
+        return {site for s in slots for site in self.held.get(s, {})}
+
+    def residual(self, site, s: Tensor, r: Tensor, slots: Tensor, groups) -> Tensor | None:
+        """The new hidden state at `site`, or None if no banked adapter acts there."""
+        keys = [key for key in self.sites if key[0] == site]
+        if not keys:
+            return None
+        if groups is None:
+            h = None
+            for key in keys:  # a token's adapter is in one activation's bank; the others keep s + r
+                out = banked_compose(self.sites[key], key[1], s, r, slots)
+                h = out if h is None else torch.where(self.sites[key]["present"][slots][:, None], out, h)
+            return h
+        h = s + r
+        for slot, tokens in groups:
+            b = self.held.get(slot, {}).get(site)
+            if b is not None:
+                h[tokens] = compose([b], s[tokens], r[tokens], None)
+        return h

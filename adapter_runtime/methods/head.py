@@ -1,5 +1,9 @@
 """Flex causal-LM heads of AdapterHub `*AdapterModel` adapters: the layers before the tied
-vocabulary projection (Linear, activation, LayerNorm, as `CausalLMHead.build` stacks them)."""
+vocabulary projection (Linear, activation, LayerNorm, as `CausalLMHead.build` stacks them).
+Rows with a head take the side path (batch.py).
+
+Reference for one row: z = layers(ln_f(h)); z = NICE^-1(z) if the setup's first adapter is
+invertible; logits = z @ E.T + bias."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from .bottleneck import activation
 
 
 def transform(head: LMHead, h: Tensor) -> Tensor:
-    """[n, S, H] -> [n, S, E]: the head's layers in order."""
+    """[n, H] -> [n, E]: the head's layers in order."""
     for layer in head.layers:
         kind = layer[0]
         if kind == "linear":

@@ -1,8 +1,13 @@
-"""Invertible language adapters (NICE coupling, MAD-X), AdapterHub reference §3.3.
+"""Invertible language adapters (NICE coupling, MAD-X), AdapterHub reference §3.3, on the
+embedding output (and, through a flex LM head, inverted before the vocabulary projection).
 
 forward: x = [x1 | x2] with x1 = x[..., :H//2];  y1 = x1 + F(x2);  y2 = x2 + G(y1)
 inverse: x2 = y2 - G(y1);  x1 = y1 - F(x2)
 F(z) = f2(act(f0(z))), G(z) = g2(act(g0(z))).
+
+Bank: per activation the four linears of every adapter, one slot each (hidden widths
+zero-padded); tokens whose slot has no invertible adapter keep their embedding (`torch.where`).
+The inverse only runs inside flex LM heads, which take the side path.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapters import Invertible
+from ..adapters import Adapter, Invertible
 from .bottleneck import activation
+
+PARTS = ("f0", "f2", "g0", "g2")
 
 
 def _f(inv: Invertible, z: Tensor) -> Tensor:
@@ -37,3 +44,96 @@ def inverse(inv: Invertible, y: Tensor) -> Tensor:
     x2 = y2 - _g(inv, y1)
     x1 = y1 - _f(inv, x2)
     return torch.cat([x1, x2], dim=-1)
+
+
+def _banked_mlp(w: dict, first: str, second: str, act: str, z: Tensor, slots: Tensor) -> Tensor:
+    hidden = torch.bmm(w[first][slots], z[:, :, None])[:, :, 0] + w[first + "_bias"][slots]
+    return torch.bmm(w[second][slots], activation(act)(hidden)[:, :, None])[:, :, 0] + w[second + "_bias"][slots]
+
+
+def banked_forward(w: dict, act: str, x: Tensor, slots: Tensor) -> Tensor:
+    """forward(inv_i, x_i) for every token i (inv_i = the adapter in slot slots[i]); x [n, H]."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[:, :half], x[:, half:]
+    y1 = x1 + _banked_mlp(w, "f0", "f2", act, x2, slots)
+    y2 = x2 + _banked_mlp(w, "g0", "g2", act, y1, slots)
+    return torch.where(w["present"][slots][:, None], torch.cat([y1, y2], dim=-1), x)
+
+
+class InvertibleBank:
+    kind = "invertible"
+
+    def __init__(self, info, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.info, self.capacity, self.device, self.dtype = info, capacity, device, dtype
+        self.sites: dict[str, dict] = {}  # activation -> tensors
+        self.held: dict[int, Invertible] = {}
+
+    @staticmethod
+    def accepts(adapter: Adapter) -> bool:
+        return True
+
+    def signature(self) -> tuple:
+        return tuple(sorted((act, tuple(w["f0"].shape), tuple(w["g0"].shape)) for act, w in self.sites.items()))
+
+    def write(self, slot: int, adapter: Adapter) -> None:
+        inv = adapter.invertible
+        if inv is None:
+            return
+        H = self.info.hidden_size
+        if (inv.f0_weight.shape[1], inv.f2_weight.shape[0], inv.g0_weight.shape[1], inv.g2_weight.shape[0]) != \
+                (H - H // 2, H // 2, H // 2, H - H // 2):
+            raise ValueError(f"invertible adapter does not fit hidden size {H}")
+        self.held[slot] = inv
+        act = inv.activation.lower()
+        w = self.sites.get(act)
+        widths = {p: getattr(inv, p + "_weight").shape[0] if p.endswith("0") else getattr(inv, p + "_weight").shape[1]
+                  for p in ("f0", "g0")}
+        if w is None or any(w[p].shape[1] < widths[p] for p in widths):
+            C, kw = self.capacity, {"device": self.device, "dtype": self.dtype}
+            grown = {"present": torch.zeros(C, dtype=torch.bool, device=self.device)}
+            for first, second in (("f0", "f2"), ("g0", "g2")):
+                width = max(widths[first], w[first].shape[1] if w is not None else 0)
+                inp = getattr(inv, first + "_weight").shape[1]
+                out = getattr(inv, second + "_weight").shape[0]
+                grown[first], grown[first + "_bias"] = torch.zeros(C, width, inp, **kw), torch.zeros(C, width, **kw)
+                grown[second], grown[second + "_bias"] = torch.zeros(C, out, width, **kw), torch.zeros(C, out, **kw)
+                if w is not None:
+                    old = w[first].shape[1]
+                    grown[first][:, :old], grown[first + "_bias"][:, :old] = w[first], w[first + "_bias"]
+                    grown[second][:, :, :old], grown[second + "_bias"][:] = w[second], w[second + "_bias"]
+            if w is not None:
+                grown["present"][:] = w["present"]
+            w = self.sites[act] = grown
+        self._zero(w, slot)
+        for first, second in (("f0", "f2"), ("g0", "g2")):
+            width = getattr(inv, first + "_weight").shape[0]
+            w[first][slot, :width] = getattr(inv, first + "_weight")
+            w[first + "_bias"][slot, :width] = getattr(inv, first + "_bias")
+            w[second][slot, :, :width] = getattr(inv, second + "_weight")
+            w[second + "_bias"][slot] = getattr(inv, second + "_bias")
+        w["present"][slot] = True
+
+    @staticmethod
+    def _zero(w: dict, slot: int) -> None:
+        for value in w.values():
+            value[slot] = 0
+
+    def clear(self, slot: int) -> None:
+        inv = self.held.pop(slot, None)
+        if inv is not None and inv.activation.lower() in self.sites:
+            self._zero(self.sites[inv.activation.lower()], slot)
+
+    def active_sites(self, slots) -> set:
+        return {"embeddings" for s in slots if s in self.held}
+
+    def embeddings(self, h: Tensor, slots: Tensor, groups) -> Tensor:
+        if not self.sites:
+            return h
+        if groups is None:
+            for act, w in self.sites.items():
+                h = banked_forward(w, act, h, slots)
+            return h
+        for slot, tokens in groups:
+            if (inv := self.held.get(slot)) is not None:
+                h[tokens] = forward(inv, h[tokens])
+        return h

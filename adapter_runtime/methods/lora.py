@@ -1,125 +1,47 @@
-"""Linear-site math: LoRA deltas and (IA)^3 scales, alone or stacked.
+"""LoRA (and PEFT DoRA, AdapterHub gated LoRA) at a linear site.
 
-Reference loop for one linear y = base(x) with the adapters e_1..e_n of a Stack present there
-(AdapterHub reference §7.2.3; a single adapter is the n = 1 case, which is also PEFT's):
-    v = None
-    for e in effects:
-        LoRA: v = e.scale * ((x if v is None else v) @ A.T) @ B.T
-        IA3:  v = e.vector if v is None else v * e.vector
-    y = y + v if the last effect is a LoRA else y * v
-PEFT's feed-forward (IA)^3 scales the *input* instead: y = base(x * vector) (`scale_input`).
+Reference loop for one row x (tokens [n, in]) through y = base(x):
+    y = y + scale * ((x @ A.T) @ B.T + bias)
+gated (AdapterHub, UniPELT): scale = mean over the row's tokens of sigmoid(x @ gate_w.T + gate_b),
+one value per output block; DoRA (PEFT): y = m / ||W + s B A||_row * (y - b + s (x A.T) B.T) + b.
+
+Bank: per site (layer, module) one A [slots, r_max, in] and one B [slots, out, r_max] with the
+scale folded into B; slot 0 (rows without LoRA there) is all zeros, so its delta is an exact 0.
+Plain LoRAs are banked; gated, biased and DoRA LoRAs take the side path (batch.py).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..adapters import LoRA, LinearEffect, Scale
+from ..adapters import Adapter, LoRA
+from . import token_mean
 
 
-def token_mean(values: Tensor, token_mask: Tensor | None) -> Tensor:
-    """Mean over the sequence axis of [n, S, k], counting valid tokens only -> [n, 1, k]."""
-    if token_mask is None:
-        return values.mean(dim=1, keepdim=True)
-    return (values * token_mask).sum(dim=1, keepdim=True) / token_mask.sum(dim=1, keepdim=True).clamp_min(1)
-
-
-def lora_scale(lora: LoRA, x: Tensor, token_mask: Tensor | None) -> Tensor | float:
-    """alpha/r, or for gated LoRA the per-row, per-output-block gate (broadcast to [n, 1, out])."""
+def lora_scale(lora: LoRA, x: Tensor, segments: Tensor | None) -> Tensor | float:
+    """alpha/r, or for gated LoRA the per-row, per-output-block gate (broadcast to [n, out])."""
     if lora.gate_weight is None:
         return lora.scale
-    gate = token_mean(torch.sigmoid(x @ lora.gate_weight.T + lora.gate_bias), token_mask)  # [n, 1, blocks]
-    out = lora.B.shape[0]
-    return gate.repeat_interleave(out // gate.shape[-1], dim=-1)  # [n, 1, out]
+    gate = token_mean(torch.sigmoid(x @ lora.gate_weight.T + lora.gate_bias), segments)  # [n, blocks]
+    return gate.repeat_interleave(lora.B.shape[0] // gate.shape[-1], dim=-1)  # [n, out]
 
 
-def lora_delta(lora: LoRA, z: Tensor, x: Tensor, token_mask: Tensor | None) -> Tensor:
+def lora_delta(lora: LoRA, z: Tensor, x: Tensor, segments: Tensor | None) -> Tensor:
     """scale * ((z @ A.T) @ B.T + bias); z is the LoRA input, x the layer input (for the gate)."""
     delta = (z @ lora.A.T) @ lora.B.T
     if lora.bias is not None:
         delta = delta + lora.bias
-    return delta * lora_scale(lora, x, token_mask)
+    return delta * lora_scale(lora, x, segments)
 
 
-def scale_input(x: Tensor, effects: Sequence[LinearEffect]) -> Tensor:
-    """Apply the input-side (IA)^3 vectors (PEFT feed-forward modules): x * l."""
-    for e in effects:
-        if isinstance(e, Scale) and e.on_input:
-            x = x * e.vector
-    return x
-
-
-def apply_output(x: Tensor, y: Tensor, effects: Sequence[LinearEffect], token_mask: Tensor | None) -> Tensor:
-    """y = base(x) with the output-side effects applied (see the module docstring)."""
-    running: Tensor | None = None
-    last_is_lora = False
-    for e in effects:
-        if isinstance(e, LoRA):
-            running = lora_delta(e, x if running is None else running, x, token_mask)
-            last_is_lora = True
-        elif not e.on_input:
-            running = e.vector if running is None else running * e.vector
-            last_is_lora = False
-    if running is None:
-        return y
-    return y + running if last_is_lora else y * running
-
-
-# --------------------------------------------------------------------------- gathered path
-# Many distinct LoRAs at one linear: instead of a loop over adapters, stack one A and one B
-# per row (ranks zero-padded to the largest, scale folded into B) and use two batched
-# matmuls. Same result as lora_delta row by row (the zero padding adds exact zeros).
-
-
-def is_plain_lora(e: LinearEffect) -> bool:
+def is_plain(e) -> bool:
     return isinstance(e, LoRA) and e.gate_weight is None and e.bias is None and e.magnitude is None
-
-
-def per_row(stacked: Tensor, rows_per_group: Sequence[int]) -> Tensor:
-    """[groups, ...] -> [rows, ...]: each group's entry repeated for its rows (one gather)."""
-    counts = torch.tensor(list(rows_per_group), device=stacked.device)
-    return stacked[torch.repeat_interleave(torch.arange(len(counts), device=stacked.device), counts)]
-
-
-def stack_loras(loras: Sequence[LoRA], rows_per_lora: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """-> A [n_rows, r_max, in], B [n_rows, out, r_max] with B scaled; row order = loras order.
-    A handful of ops whatever the number of adapters: rebuilt whenever the batch changes."""
-    r_max = max(l.A.shape[0] for l in loras)
-    pad = lambda t, spec: F.pad(t, spec) if any(spec) else t  # noqa: E731  (most ranks are equal: no copy)
-    A = torch.stack([pad(l.A, (0, 0, 0, r_max - l.A.shape[0])) for l in loras])  # [g, r_max, in]
-    B = torch.stack([pad(l.B, (0, r_max - l.B.shape[1])) for l in loras])  # [g, out, r_max]
-    scales = torch.tensor([l.scale for l in loras], dtype=B.dtype, device=B.device)
-    return per_row(A, rows_per_lora), per_row(B * scales[:, None, None], rows_per_lora)
-
-
-def gathered_lora_delta(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
-    """x [n, S, in], A [n, r, in], B [n, out, r] -> [n, S, out]: row i gets B_i A_i x_i."""
-    return torch.bmm(torch.bmm(x, A.transpose(1, 2)), B.transpose(1, 2))
-
-
-def gatherable_kind(effects: Sequence[LinearEffect]) -> str | None:
-    """Which gathered path can apply this group's effects at one linear: "lora" (a plain LoRA),
-    "out" / "in" (an output / input (IA)^3 scale), or None (a stack: apply it alone)."""
-    if len(effects) != 1:
-        return None
-    e = effects[0]
-    if isinstance(e, Scale):
-        return "in" if e.on_input else "out"
-    return "lora" if is_plain_lora(e) else None
-
-
-def stack_scales(scales: Sequence[Scale], rows_per_scale: Sequence[int]) -> Tensor:
-    """-> [n_rows, 1, dim]: each group's vector once per row, to multiply [n_rows, S, dim]."""
-    return per_row(torch.stack([s.vector for s in scales])[:, None, :], rows_per_scale)
 
 
 # --------------------------------------------------------------------------- DoRA
 # PEFT DoRA (reference peft §2.6): the norm of each output row of W + s B A is taken from the
-# base weight, so it is computed where the base linear is known (the batch memoizes it).
+# base weight, so it is computed where the base linear is known (the side path memoizes it).
 
 
 def dora_ratio(lora: LoRA, weight: Tensor) -> Tensor:
@@ -133,3 +55,78 @@ def dora_output(x: Tensor, y: Tensor, lora: LoRA, ratio: Tensor, base_bias: Tens
     y_nobias = y - base_bias if base_bias is not None else y
     out = ratio * (y_nobias + lora_delta(lora, x, x, None))
     return out + base_bias if base_bias is not None else out
+
+
+# --------------------------------------------------------------------------- bank
+
+
+def banked_delta(x: Tensor, A: Tensor, B: Tensor, slots: Tensor) -> Tensor:
+    """x [n, in], A [slots, r, in], B [slots, out, r] (scale folded), slots [n] -> [n, out]:
+    token i gets B[slots[i]] @ A[slots[i]] @ x[i]  (the reference loop, one matmul pair per token)."""
+    z = torch.bmm(A[slots], x[:, :, None])  # [n, r, 1]
+    return torch.bmm(B[slots], z)[:, :, 0]  # [n, out]
+
+
+class LoRABank:
+    """Plain LoRAs of the adapters on the device, per linear site, one slot per adapter."""
+
+    kind = "lora"
+
+    def __init__(self, info, capacity: int, device: torch.device, dtype: torch.dtype):
+        self.info, self.capacity, self.device, self.dtype = info, capacity, device, dtype
+        self.sites: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}  # site -> (A, B)
+        self.held: dict[int, dict] = {}  # slot -> {site: LoRA} (for the per-slot path)
+
+    @staticmethod
+    def accepts(adapter: Adapter) -> bool:
+        return all(is_plain(e) for e in adapter.linear.values() if isinstance(e, LoRA))
+
+    def signature(self) -> tuple:
+        return tuple(sorted((site, tuple(A.shape)) for site, (A, _) in self.sites.items()))
+
+    def write(self, slot: int, adapter: Adapter) -> None:
+        mine = {site: e for site, e in adapter.linear.items() if isinstance(e, LoRA)}
+        self.held[slot] = mine
+        for site, lora in mine.items():
+            r = lora.A.shape[0]
+            inp, out = self.info.linear_shapes[site[1]]  # the base linear's, whatever the adapter says
+            A, B = self.sites.get(site, (None, None))
+            if A is None or A.shape[1] < r:  # a new site or a larger rank: grow (zero padding is exact)
+                grown_A = torch.zeros(self.capacity, r, inp, device=self.device, dtype=self.dtype)
+                grown_B = torch.zeros(self.capacity, out, r, device=self.device, dtype=self.dtype)
+                if A is not None:
+                    grown_A[:, : A.shape[1]] = A
+                    grown_B[:, :, : A.shape[1]] = B
+                A, B = self.sites[site] = grown_A, grown_B
+            A[slot].zero_()
+            B[slot].zero_()
+            A[slot, :r] = lora.A.to(self.dtype)
+            B[slot, :, :r] = (lora.B.float() * lora.scale).to(self.dtype)
+
+    def clear(self, slot: int) -> None:
+        for site in self.held.pop(slot, {}):
+            if site not in self.sites:
+                continue
+            A, B = self.sites[site]
+            A[slot].zero_()
+            B[slot].zero_()
+
+    def has(self, slot: int, site) -> bool:
+        return site in self.held.get(slot, {})
+
+    def active_sites(self, slots) -> set:
+        return {site for s in slots for site in self.held.get(s, {})}
+
+    def output(self, site, x: Tensor, y: Tensor, slots: Tensor, groups) -> Tensor:
+        """y + each token's LoRA delta at `site`. `groups` None: one gather per token (few
+        tokens, static shapes); else [(slot, token index [k])]: the reference math per slot."""
+        if site not in self.sites:
+            return y
+        if groups is None:
+            A, B = self.sites[site]
+            return y + banked_delta(x, A, B, slots)
+        for slot, tokens in groups:
+            lora = self.held.get(slot, {}).get(site)
+            if lora is not None:
+                y[tokens] = y[tokens] + lora_delta(lora, x[tokens], x[tokens], None)
+        return y

@@ -1,13 +1,14 @@
-"""Pieces every model family shares: model facts, the slotted KV cache, cached attention."""
+"""Pieces every model family shares: model facts, the slotted KV cache, packed attention,
+pre-packed (fused) base linears."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..batch import ForwardBatch
 
@@ -57,56 +58,165 @@ class KVCache:
         self.values[layer][slot, :, :n] = values.to(self.values[layer].dtype)
 
 
+# --------------------------------------------------------------------------- attention
+@dataclass(frozen=True)
+class LayerMasks:
+    """Boolean attention masks of one layer, built once per step (True = may attend)."""
+
+    decode: Tensor | None  # [D, 1, 1, T]
+    prefill: tuple[Tensor, ...]  # per prefill row [1, 1, n, start + n]
+
+
+def attention_masks(batch: ForwardBatch, num_layers: int, sliding_window: int | None, max_len: int) -> list[LayerMasks]:
+    """Per layer: causal over cache indices (a token at cache index i sees indices <= i, prefix
+    entries included), within `sliding_window` if set, minus the prefix entries a row's prefix
+    leaves out of that layer. Layers without such entries share one mask object."""
+    device = batch.input_ids.device
+    D = batch.num_decode
+
+    def build(hidden) -> LayerMasks:
+        decode = None
+        if D:
+            T = min(batch.decode_kv_len, max_len)
+            key = torch.arange(T, device=device)
+            index = batch.decode_index[:, None]  # [D, 1]
+            decode = key[None, :] <= index
+            if sliding_window is not None:
+                decode = decode & (key[None, :] > index - sliding_window)
+            if hidden is not None:
+                lo, hi = hidden[0][:D, None], hidden[1][:D, None]
+                decode = decode & ~((key[None, :] >= lo) & (key[None, :] < hi))
+            decode = decode[:, None, None, :]
+        prefill = []
+        for b, row in enumerate(batch.rows[D:], start=D):
+            key = torch.arange(row.start + row.count, device=device)
+            index = row.start + torch.arange(row.count, device=device)[:, None]  # [n, 1]
+            mask = key[None, :] <= index
+            if sliding_window is not None:
+                mask = mask & (key[None, :] > index - sliding_window)
+            if hidden is not None:
+                mask = mask & ~((key >= hidden[0][b]) & (key < hidden[1][b]))[None, :]
+            prefill.append(mask[None, None])
+        return LayerMasks(decode, tuple(prefill))
+
+    shared = build(None)
+    return [build(batch.prefix_hidden[i]) if i in batch.prefix_hidden else shared for i in range(num_layers)]
+
+
 def cached_attention(
-    q: Tensor,  # [B, nh, S, hd]
-    k: Tensor,  # [B, nkv, S, hd]  new keys (already rotated)
-    v: Tensor,  # [B, nkv, S, hd]
+    q: Tensor,  # [N, nh, hd]
+    k: Tensor,  # [N, nkv, hd]  new keys (already rotated)
+    v: Tensor,  # [N, nkv, hd]
     cache_k: Tensor,  # [slots, nkv, max_len, hd]  this layer's cache
     cache_v: Tensor,
     batch: ForwardBatch,
+    masks: LayerMasks,
     scale: float,
-    layer: int,
-    sliding_window: int | None = None,
 ) -> Tensor:
-    """Write the new keys/values into each row's slot, then attend over the slot's cache.
-
-    Token j of row b sits at cache index i = cache_starts[b] + j and sees every cache index
-    <= i (prefix entries included), within `sliding_window` if set. Returns [B, S, nh*hd]."""
-    B, nh, S, hd = q.shape
-    index = batch.cache_starts[:, None] + torch.arange(S, device=q.device)  # [B, S]
-    rows = batch.cache_slots[:, None].expand(B, S)  # [B, S]
-    if batch.padded:  # write valid tokens only: padding must not land in another token's place
-        valid = torch.arange(S, device=q.device)[None, :] < batch.query_lens[:, None]
-        rows, index_w = rows[valid], index[valid]
-        cache_k[rows, :, index_w] = k.transpose(1, 2)[valid]
-        cache_v[rows, :, index_w] = v.transpose(1, 2)[valid]
-    else:
-        cache_k[rows, :, index] = k.transpose(1, 2)  # [B, S, nkv, hd]
-        cache_v[rows, :, index] = v.transpose(1, 2)
-
-    T = batch.kv_len
-    if batch.slot_start is not None:  # contiguous slots: a view, no copy
-        keys = cache_k[batch.slot_start : batch.slot_start + B, :, :T]
-        values = cache_v[batch.slot_start : batch.slot_start + B, :, :T]
-    else:
-        keys = cache_k[batch.cache_slots, :, :T]
-        values = cache_v[batch.cache_slots, :, :T]
-
-    key_index = torch.arange(T, device=q.device)
-    mask = key_index[None, None, :] <= index[:, :, None]  # [B, S, T] causal over cache indices
-    if sliding_window is not None:
-        mask = mask & (key_index[None, None, :] > index[:, :, None] - sliding_window)
-    if (hidden := batch.prefix_hidden.get(layer)) is not None:  # prefix left out of this layer
-        lo, hi = hidden
-        mask = mask & ~((key_index >= lo[:, None, None]) & (key_index < hi[:, None, None]))
-    out = F.scaled_dot_product_attention(
-        q, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=keys.shape[1] != nh
-    )  # [B, nh, S, hd]
-    return out.transpose(1, 2).reshape(B, S, nh * hd)
+    """Write the new keys/values into their rows' slots, then attend over each row's slot:
+    the decode rows together (one query each), each prefill chunk on its own. -> [N, nh*hd]"""
+    N, nh, hd = q.shape
+    cache_k[batch.write_slots, :, batch.write_index] = k
+    cache_v[batch.write_slots, :, batch.write_index] = v
+    gqa = cache_k.shape[1] != nh
+    outs = []
+    D = batch.num_decode
+    if D:
+        T = masks.decode.shape[-1]
+        if batch.decode_slot_view:  # rows in slots 0..D-1: a view, no copy
+            keys, values = cache_k[:D, :, :T], cache_v[:D, :, :T]
+        else:
+            keys, values = cache_k[batch.decode_slots, :, :T], cache_v[batch.decode_slots, :, :T]
+        out = F.scaled_dot_product_attention(q[:D, :, None], keys, values, attn_mask=masks.decode, scale=scale,
+                                             enable_gqa=gqa)  # [D, nh, 1, hd]
+        outs.append(out.reshape(D, nh * hd))
+    for row, mask in zip(batch.rows[D:], masks.prefill):
+        T = row.start + row.count
+        qr = q[row.first : row.first + row.count].transpose(0, 1)[None]  # [1, nh, n, hd]
+        keys, values = cache_k[row.slot : row.slot + 1, :, :T], cache_v[row.slot : row.slot + 1, :, :T]
+        out = F.scaled_dot_product_attention(qr, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        outs.append(out[0].transpose(0, 1).reshape(row.count, nh * hd))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
-def last_token_hidden(h: Tensor, batch: ForwardBatch) -> Tensor:
-    """[B, S, H] -> [B, 1, H]: each row's last valid token (the one that predicts the next)."""
-    if not batch.padded:
-        return h[:, -1:]
-    return h[torch.arange(h.shape[0], device=h.device), batch.query_lens - 1][:, None]
+# --------------------------------------------------------------------------- base linears
+def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
+    """oneDNN pre-packed weights: on the CPU (fp32/bf16) they run the step's GEMMs about twice
+    as fast as the default BLAS call here (README, "How it works")."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
+
+
+class FusedLinear:
+    """The concatenation of some nn.Linears that read the same input (q|k|v, gate|up), as one
+    weight: pre-packed for oneDNN on the CPU, a plain matrix elsewhere. Built from the modules'
+    current weights (rebuilt after a merge or reset changes them); returns the parts."""
+
+    def __init__(self, linears: Sequence[nn.Linear], pack: bool, batch_hint: int = 32):
+        weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
+        biases = [m.bias for m in linears]
+        self.bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
+        self.splits = [m.out_features for m in linears]
+        self.packed = pack
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint) if pack else weight.detach()
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        if self.packed:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return list(y.split(self.splits, dim=-1)) if len(self.splits) > 1 else [y]
+
+
+class BaseLinear:
+    """The base op of one linear site: its pre-packed weight when there is one, else the
+    module. `weight`/`bias` stay the module's (DoRA reads them)."""
+
+    def __init__(self, module: nn.Linear, pack: bool):
+        self.module = module
+        self.fused = FusedLinear([module], pack) if pack else None
+
+    @property
+    def weight(self) -> Tensor:
+        return self.module.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.module.bias
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.module(x) if self.fused is None else self.fused(x)[0]
+
+
+class Projections(nn.Module):
+    """Base class of a block part (attention, MLP) whose linears may be pre-packed and fused:
+    `prepack` (re)builds `ops` (one base op per linear) and `fused` (one op per group of
+    linears reading the same input) from the modules' current weights."""
+
+    FUSE: tuple[tuple[str, ...], ...] = ()  # groups of linear names that read the same input
+
+    def prepack(self, pack: bool, fuse: bool) -> None:
+        linears = {n: m for n, m in self.named_children() if isinstance(m, nn.Linear)}
+        self.ops = {n: BaseLinear(m, pack) for n, m in linears.items()}
+        self.fused = {g: FusedLinear([linears[n] for n in g], pack) for g in self.FUSE} if fuse else {}
+
+    def op(self, name: str):
+        ops = self.__dict__.get("ops")
+        return ops[name] if ops else getattr(self, name)
+
+    def group(self, names: tuple[str, ...]) -> FusedLinear | None:
+        fused = self.__dict__.get("fused")
+        return fused.get(names) if fused else None
+
+
+def prepack(model: nn.Module, pack: bool | None = None, fuse: bool | None = None) -> None:
+    """(Re)build every block part's base ops from the current weights (after load, merge, reset).
+    Defaults: pre-pack and fuse where oneDNN runs (CPU); elsewhere keep the modules (fusing
+    would hold a second copy of the weights on the accelerator)."""
+    p = next(model.parameters())
+    pack = can_prepack(p.device, p.dtype) if pack is None else pack
+    fuse = pack if fuse is None else fuse
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, Projections):
+                m.prepack(pack, fuse)

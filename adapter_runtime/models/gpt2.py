@@ -9,13 +9,13 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
-from .common import KVCache, ModelInfo, cached_attention, last_token_hidden
+from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention
 
 # checkpoint keys (suffixes) whose tensors are Conv1D [in, out] and are transposed at load
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-class Attention(nn.Module):
+class Attention(Projections):
     def __init__(self, config, layer: int):
         super().__init__()
         H = config.n_embd
@@ -27,16 +27,16 @@ class Attention(nn.Module):
             scale /= layer + 1
         self.scale = scale
 
-    def forward(self, x: Tensor, batch: ForwardBatch, cache: KVCache) -> Tensor:
-        B, S, H = x.shape
+    def forward(self, x: Tensor, masks, batch: ForwardBatch, cache: KVCache) -> Tensor:
+        N, H = x.shape
         ad, i = batch.adapters, self.layer
-        qkv = ad.linear(i, "attn.c_attn", self.c_attn, x)  # [B, S, 3H]
-        q, k, v = (t.view(B, S, self.nh, self.hd).transpose(1, 2) for t in qkv.split(H, dim=-1))
-        out = cached_attention(q, k, v, cache.keys[i], cache.values[i], batch, self.scale, i)
-        return ad.linear(i, "attn.c_proj", self.c_proj, out)
+        qkv = ad.linear(i, "attn.c_attn", self.op("c_attn"), x)  # [N, 3H]
+        q, k, v = (t.view(N, self.nh, self.hd) for t in qkv.split(H, dim=-1))
+        out = cached_attention(q, k, v, cache.keys[i], cache.values[i], batch, masks, self.scale)  # [N, H]
+        return ad.linear(i, "attn.c_proj", self.op("c_proj"), out)
 
 
-class MLP(nn.Module):
+class MLP(Projections):
     def __init__(self, config, layer: int):
         super().__init__()
         H = config.n_embd
@@ -50,8 +50,8 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         ad, i = batch.adapters, self.layer
-        f = self.act(ad.linear(i, "mlp.c_fc", self.c_fc, x))  # [B, S, 4H]
-        return ad.linear(i, "mlp.c_proj", self.c_proj, f)  # [B, S, H]
+        f = self.act(ad.linear(i, "mlp.c_fc", self.op("c_fc"), x))  # [N, 4H]
+        return ad.linear(i, "mlp.c_proj", self.op("c_proj"), f)  # [N, H]
 
 
 class Block(nn.Module):
@@ -63,9 +63,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config, layer)
 
-    def forward(self, h: Tensor, batch: ForwardBatch, cache: KVCache) -> Tensor:
+    def forward(self, h: Tensor, masks, batch: ForwardBatch, cache: KVCache) -> Tensor:
         ad = batch.adapters
-        a = self.attn(self.ln_1(h), batch, cache)
+        a = self.attn(self.ln_1(h), masks, batch, cache)
         h = ad.residual(self.layer, "attn", a, h)  # bottleneck site after attention
         f = self.mlp(self.ln_2(h), batch)
         return ad.residual(self.layer, "ffn", f, h)  # bottleneck site after the MLP
@@ -127,11 +127,12 @@ class GPT2LMHeadModel(nn.Module):
         )
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> Tensor:
-        """Logits [B, S, V] (all_logits) or [B, 1, V] for each row's last valid token."""
+        """Logits [M, V] of the tokens in batch.logits_index (each row's last, or all of a row's)."""
         ad, t = batch.adapters, self.transformer
-        h = ad.token_embeddings(t.wte(batch.input_ids)) + t.wpe(batch.positions)  # [B, S, H]
+        h = ad.token_embeddings(t.wte(batch.input_ids)) + t.wpe(batch.positions)  # [N, H]
         h = ad.embeddings(h)  # invertible adapters see wte + wpe (a hook on `drop`)
-        for block in t.h:
-            h = block(h, batch, cache)
-        h = t.ln_f(h if batch.all_logits else last_token_hidden(h, batch))
+        masks = attention_masks(batch, len(t.h), None, cache.max_len)  # once per step
+        for block, layer_masks in zip(t.h, masks):
+            h = block(h, layer_masks, batch, cache)
+        h = t.ln_f(h[batch.logits_index])  # [M, H]
         return ad.logits(h, self.lm_head)  # flex LM heads of AdapterHub adapters

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
-from .common import KVCache, ModelInfo, cached_attention, last_token_hidden
+from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
@@ -58,19 +58,21 @@ class Rotary(nn.Module):
         if self.rope_type in ("dynamic", "longrope") and kv_len > self.original_max:
             inv_freq, scaling = self._init(kv_len)  # these types depend on the sequence length
             inv_freq = inv_freq.to(positions.device)
-        freqs = positions[..., None].float() * inv_freq.float()  # [B, S, hd/2]
+        freqs = positions[..., None].float() * inv_freq.float()  # [N, hd/2]
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos() * scaling, emb.sin() * scaling  # [B, S, hd] each (fp32)
+        return emb.cos() * scaling, emb.sin() * scaling  # [N, hd] each (fp32)
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, heads, S, hd]; cos/sin [B, S, hd]: HF's rotate_half convention."""
+    """x [N, heads, hd]; cos/sin [N, hd]: HF's rotate_half convention."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class Attention(nn.Module):
+class Attention(Projections):
+    FUSE = (("q_proj", "k_proj", "v_proj"),)
+
     def __init__(self, config, layer: int):
         super().__init__()
         H = config.hidden_size
@@ -84,24 +86,26 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(H, self.nkv * self.hd, bias=qkv_bias)
         self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=qkv_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, H, bias=o_bias)
-        window = getattr(config, "sliding_window", None)
-        use_window = getattr(config, "use_sliding_window", True) and config.model_type != "llama"
-        self.sliding_window = window if use_window else None
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], batch: ForwardBatch, cache: KVCache) -> Tensor:
-        B, S, _ = x.shape
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], masks, batch: ForwardBatch, cache: KVCache) -> Tensor:
+        N = x.shape[0]
         ad, i = batch.adapters, self.layer
-        q = ad.linear(i, "self_attn.q_proj", self.q_proj, x).view(B, S, self.nh, self.hd).transpose(1, 2)
-        k = ad.linear(i, "self_attn.k_proj", self.k_proj, x).view(B, S, self.nkv, self.hd).transpose(1, 2)
-        v = ad.linear(i, "self_attn.v_proj", self.v_proj, x).view(B, S, self.nkv, self.hd).transpose(1, 2)
-        q, k = rotate(q, *rope), rotate(k, *rope)  # prefix keys in the cache stay unrotated
-        out = cached_attention(
-            q, k, v, cache.keys[i], cache.values[i], batch, self.hd**-0.5, i, self.sliding_window
-        )  # [B, S, nh*hd]
-        return ad.linear(i, "self_attn.o_proj", self.o_proj, out)
+        names = ("q_proj", "k_proj", "v_proj")
+        fused = self.group(names)
+        if fused is not None and ad.plain(i, [f"self_attn.{n}" for n in names]):  # one GEMM for q|k|v
+            q, k, v = (ad.linear_output(i, f"self_attn.{n}", x, y) for n, y in zip(names, fused(x)))
+        else:
+            q, k, v = (ad.linear(i, f"self_attn.{n}", self.op(n), x) for n in names)
+        q = rotate(q.view(N, self.nh, self.hd), *rope)  # [N, nh, hd]
+        k = rotate(k.view(N, self.nkv, self.hd), *rope)  # prefix keys in the cache stay unrotated
+        out = cached_attention(q, k, v.view(N, self.nkv, self.hd), cache.keys[i], cache.values[i], batch, masks,
+                               self.hd**-0.5)  # [N, nh*hd]
+        return ad.linear(i, "self_attn.o_proj", self.op("o_proj"), out)
 
 
-class MLP(nn.Module):
+class MLP(Projections):
+    FUSE = (("gate_proj", "up_proj"),)
+
     def __init__(self, config, layer: int):
         super().__init__()
         H, I = config.hidden_size, config.intermediate_size
@@ -116,9 +120,13 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         ad, i = batch.adapters, self.layer
-        gate = ad.linear(i, "mlp.gate_proj", self.gate_proj, x)  # [B, S, I]
-        up = ad.linear(i, "mlp.up_proj", self.up_proj, x)
-        return ad.linear(i, "mlp.down_proj", self.down_proj, self.act(gate) * up)  # [B, S, H]
+        names = ("gate_proj", "up_proj")
+        fused = self.group(names)
+        if fused is not None and ad.plain(i, [f"mlp.{n}" for n in names]):
+            gate, up = (ad.linear_output(i, f"mlp.{n}", x, y) for n, y in zip(names, fused(x)))
+        else:
+            gate, up = (ad.linear(i, f"mlp.{n}", self.op(n), x) for n in names)  # [N, I]
+        return ad.linear(i, "mlp.down_proj", self.op("down_proj"), self.act(gate) * up)  # [N, H]
 
 
 class DecoderLayer(nn.Module):
@@ -130,9 +138,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer)
 
-    def forward(self, h: Tensor, rope, batch: ForwardBatch, cache: KVCache) -> Tensor:
+    def forward(self, h: Tensor, rope, masks, batch: ForwardBatch, cache: KVCache) -> Tensor:
         ad = batch.adapters
-        a = self.self_attn(self.input_layernorm(h), rope, batch, cache)
+        a = self.self_attn(self.input_layernorm(h), rope, masks, batch, cache)
         h = ad.residual(self.layer, "attn", a, h)  # bottleneck site after attention
         f = self.mlp(self.post_attention_layernorm(h), batch)
         return ad.residual(self.layer, "ffn", f, h)  # bottleneck site after the MLP
@@ -155,6 +163,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
+        window = getattr(config, "sliding_window", None)
+        use_window = getattr(config, "use_sliding_window", True) and config.model_type != "llama"
+        self.sliding_window = window if use_window else None
 
     @property
     def info(self) -> ModelInfo:
@@ -180,12 +191,13 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> Tensor:
-        """Logits [B, S, V] (all_logits) or [B, 1, V] for each row's last valid token."""
+        """Logits [M, V] of the tokens in batch.logits_index (each row's last, or all of a row's)."""
         ad = batch.adapters
-        h = ad.token_embeddings(self.model.embed_tokens(batch.input_ids))  # [B, S, H]
+        h = ad.token_embeddings(self.model.embed_tokens(batch.input_ids))  # [N, H]
         h = ad.embeddings(h)  # invertible adapters hook the embedding output
         rope = self.model.rotary(batch.positions, batch.kv_len)
-        for layer in self.model.layers:
-            h = layer(h, rope, batch, cache)
-        h = self.model.norm(h if batch.all_logits else last_token_hidden(h, batch))
+        masks = attention_masks(batch, len(self.model.layers), self.sliding_window, cache.max_len)  # once per step
+        for layer, layer_masks in zip(self.model.layers, masks):
+            h = layer(h, rope, layer_masks, batch, cache)
+        h = self.model.norm(h[batch.logits_index])  # [M, H]
         return ad.logits(h, self.lm_head)  # flex LM heads of AdapterHub adapters

@@ -1,0 +1,164 @@
+"""The model runner: turns a scheduler's `StepPlan` into one packed forward and its logits.
+
+It owns the device side of the engine: the model (its base linears pre-packed/fused), the KV
+cache, the adapter banks and, for decode-only steps, the static step: rows padded to a bucket
+size and, when compiling, run through a compiled forward whose code path depends on the
+bucket and on which bank kinds the step uses, never on which adapters the rows name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .banks import AdapterBanks
+from .batch import ForwardBatch, MergedAdapter, RowSpan, Setup, build_adapter_step
+from .methods import prefix as prefix_method
+from .models.common import KVCache, prepack
+from .scheduler import StepPlan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RowState:
+    """What the runner needs of a sequence (the engine's per-request state carries one)."""
+
+    tokens: list[int]  # soft-prompt placeholders + prompt ids
+    setup: Setup
+    layout: object  # layout.RowLayout
+    all_logits: bool  # prefill returns logits for every prompt token (echo with logprobs)
+    last: int = 0  # the newest generated token, not yet in the cache
+
+
+def buckets_for(max_batch: int) -> list[int]:
+    """Batch sizes a decode step is padded to: powers of two up to max_batch, and max_batch."""
+    sizes, b = [], 1
+    while b < max_batch:
+        sizes.append(b)
+        b *= 2
+    return sizes + [max_batch]
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, bank_capacity: int, compile: bool = False, buckets: Sequence[int] = ()):
+        self.model = model
+        self.info = model.info
+        self.cache = cache
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.banks = AdapterBanks(self.info, bank_capacity, self.device, self.dtype)
+        self.scratch_slot = cache.num_slots - 1  # padding rows of a static step write here
+        self.buckets = sorted(buckets) or buckets_for(cache.num_slots - 1)
+        self.compile = compile
+        self._compiled = None
+        self.memo: dict = {}  # DoRA factors; cleared whenever base weights change
+        self.refresh_weights()
+
+    def refresh_weights(self) -> None:
+        """After load, merge or reset: rebuild the pre-packed base ops from the current weights."""
+        t = time.perf_counter()
+        prepack(self.model)
+        self.memo.clear()
+        log.debug("base linears pre-packed in %.2fs", time.perf_counter() - t)
+
+    # ------------------------------------------------------------------ one step
+    def execute(self, plan: StepPlan, rows: dict, merged: MergedAdapter | None) -> Tensor:
+        """Run the plan's tokens (decode rows first) -> logits [M, V]: one row per decode
+        sequence, then per prefill chunk its last token's (or, for all_logits rows, every token's)."""
+        decode = [rows[id(s)] for s in plan.decode]
+        chunks = [(rows[id(c.seq)], c) for c in plan.prefill]
+        tokens = [[r.last] for r in decode] + [r.tokens[c.start : c.start + c.count] for r, c in chunks]
+        positions = [r.layout.positions(s.computed, 1) for r, s in zip(decode, plan.decode)] + \
+                    [r.layout.positions(c.start, c.count) for r, c in chunks]
+        slots = [s.slot for s in plan.decode] + [c.seq.slot for c in plan.prefill]
+        starts = [r.layout.prefix_len + s.computed for r, s in zip(decode, plan.decode)] + \
+                 [r.layout.prefix_len + c.start for r, c in chunks]
+        setups = [r.setup for r in decode] + [r.setup for r, _ in chunks]
+        every = [False] * len(decode) + [r.all_logits for r, _ in chunks]
+        done = [10**9] * len(decode) + [c.start for _, c in chunks]
+        static = not chunks and self._bucket(len(decode))
+        pad = (self._bucket(len(decode)) - len(decode)) if static else 0
+        counts = [len(t) for t in tokens] + [1] * pad
+        logit_rows, m = [], 0
+        for n, e in zip(counts, every + [False] * pad):
+            k = n if e else 1
+            logit_rows.append(list(range(m, m + k)))
+            m += k
+        adapters = build_adapter_step(list(setups) + [()] * pad, counts, self.device, banks=self.banks, merged=merged,
+                                      static=bool(static), memo=self.memo, done=done + [10**9] * pad,
+                                      logit_rows=logit_rows)
+        if pad:
+            tokens += [[0]] * pad
+            positions += [[0]] * pad
+            starts += [0] * pad
+            slots += [self.scratch_slot] * pad
+        batch = ForwardBatch.build(
+            tokens, positions, slots, starts, self.device, adapters=adapters, all_logits=every + [False] * pad,
+            prefix_hidden=prefix_method.hidden_ranges(setups + [()] * pad, self.info.num_layers, self.device),
+            kv_round=64 if static else 1, read_slots=self._read_slots(slots, pad) if pad else None,
+        )
+        logits = self._forward(batch, static and adapters.static_safe())
+        return logits[: logits.shape[0] - pad] if pad else logits
+
+    def _read_slots(self, slots: list[int], pad: int) -> list[int]:
+        """Real rows read their own slots; padding rows read the next slots when the real rows
+        sit in 0..D-1 (the whole bucket is then one view of the cache), else the scratch slot."""
+        real = slots[: len(slots) - pad]
+        if real == list(range(len(real))):
+            return list(range(len(slots)))
+        return real + [self.scratch_slot] * pad
+
+    def _bucket(self, n: int) -> int:
+        return next((b for b in self.buckets if b >= n), 0)
+
+    def _forward(self, batch: ForwardBatch, static: bool) -> Tensor:
+        if static and self.compile:
+            return self._compiled_forward()(batch, self.cache)
+        return self.model(batch, self.cache)
+
+    def _compiled_forward(self):
+        if self._compiled is None:
+            self._compiled = torch.compile(self.model, dynamic=False)
+        return self._compiled
+
+    # ------------------------------------------------------------------ admission, warm-up
+    def admit(self, setup: Setup, others: Sequence[Setup]) -> None:
+        """Write a newly admitted request's adapter into the banks now (not inside a step), so
+        that weights that do not fit fail this request alone."""
+        from .banks import bankable
+
+        if len(setup) == 1 and bankable(setup[0]):
+            in_use = [s for o in others if len(o) == 1 and (s := self.banks.peek(o[0])) is not None]
+            self.banks.slot(setup[0], in_use)
+
+    def warm_up(self) -> None:
+        """Compile the static decode step for every bucket now (base rows, scratch slot), one
+        log line per bucket; steps that use adapter banks compile on first use."""
+        if not self.compile:
+            return
+        from .scheduler import Sequence as Seq
+
+        with torch.inference_mode():
+            for size in self.buckets:
+                t = time.perf_counter()
+                seqs = [Seq(None, 1, slot=self.scratch_slot, computed=1) for _ in range(size)]
+                rows = {id(s): RowState([0], (), _PLAIN, False) for s in seqs}
+                self.execute(StepPlan(decode=seqs), rows, None)
+                log.info("compiled the decode step for batch bucket %d in %.1fs", size, time.perf_counter() - t)
+
+
+class _PlainLayout:
+    prefix_len = 0
+
+    @staticmethod
+    def positions(start: int, count: int) -> list[int]:
+        return list(range(start, start + count))
+
+
+_PLAIN = _PlainLayout()
