@@ -243,7 +243,7 @@ class ForwardBatch:
     num_decode: int
     decode_slots: Tensor  # [D] int64 KV slot of each decode row
     decode_index: Tensor  # [D] int64 cache index of each decode row's token
-    decode_kv_len: int  # cache entries the decode rows read (max index + 1, maybe rounded up)
+    decode_keys: Tensor  # [T] 0..T-1: the cache indices decode rows read (max index + 1, maybe rounded up)
     decode_slot_view: bool  # decode rows use slots 0..D-1 in order: read the cache as a view
     kv_len: int  # the longest row's cache length (dynamic RoPE types need it)
     logits_index: Tensor  # [M] tokens whose logits the forward returns
@@ -264,6 +264,7 @@ class ForwardBatch:
         prefix_hidden: Mapping[int, tuple[Tensor, Tensor]] | None = None,
         kv_round: int = 1,
         read_slots: Sequence[int] | None = None,
+        max_kv: int | None = None,
     ) -> "ForwardBatch":
         """From host lists, one entry per row (rows with one token first, if any). Derives the
         host-side facts once, so that no layer has to sync with the device. `all_logits`: per
@@ -288,7 +289,7 @@ class ForwardBatch:
         write_index = [r.start + j for r in rows for j in range(r.count)]
         decode_slots = list(read_slots[:D]) if read_slots is not None else [r.slot for r in rows[:D]]
         kv = max((r.start + 1 for r in rows[:D]), default=0)
-        kv = -(-kv // kv_round) * kv_round if D else 0
+        kv = min(-(-kv // kv_round) * kv_round, max_kv or kv) if D else 0
         host = {
             "input_ids": flat(tokens), "positions": flat(positions),
             "write_slots": torch.tensor([r.slot for r in rows for _ in range(r.count)], dtype=torch.long),
@@ -296,10 +297,11 @@ class ForwardBatch:
             "decode_slots": torch.tensor(decode_slots, dtype=torch.long),
             "decode_index": torch.tensor(write_index[:D], dtype=torch.long),
             "logits_index": torch.tensor(logit_tokens, dtype=torch.long),
+            "decode_keys": torch.arange(kv),
         }
         return ForwardBatch(
             **{k: v.to(device) for k, v in host.items()},
-            rows=tuple(rows), num_decode=D, decode_kv_len=kv, decode_slot_view=decode_slots == list(range(D)),
+            rows=tuple(rows), num_decode=D, decode_slot_view=decode_slots == list(range(D)),
             kv_len=max(r.start + r.count for r in rows), adapters=adapters, prefix_hidden=prefix_hidden or {},
         )
 

@@ -57,6 +57,7 @@ class ModelRunner:
         self.buckets = sorted(buckets) or buckets_for(cache.num_slots - 1)
         self.compile = compile
         self._compiled = None
+        self.steps = {"static": 0, "compiled": 0, "eager": 0}  # how steps ran (tests and logs read it)
         self.memo: dict = {}  # DoRA factors; cleared whenever base weights change
         self.refresh_weights()
 
@@ -102,6 +103,7 @@ class ModelRunner:
             tokens, positions, slots, starts, self.device, adapters=adapters, all_logits=every + [False] * pad,
             prefix_hidden=prefix_method.hidden_ranges(setups + [()] * pad, self.info.num_layers, self.device),
             kv_round=64 if static else 1, read_slots=self._read_slots(slots, pad) if pad else None,
+            max_kv=self.cache.max_len,
         )
         logits = self._forward(batch, static and adapters.static_safe())
         return logits[: logits.shape[0] - pad] if pad else logits
@@ -118,14 +120,14 @@ class ModelRunner:
         return next((b for b in self.buckets if b >= n), 0)
 
     def _forward(self, batch: ForwardBatch, static: bool) -> Tensor:
-        if static and self.compile:
-            return self._compiled_forward()(batch, self.cache)
-        return self.model(batch, self.cache)
-
-    def _compiled_forward(self):
+        self.steps["static" if static else "eager"] += 1
+        if not (static and self.compile):
+            return self.model(batch, self.cache)
+        self.steps["compiled"] += 1
         if self._compiled is None:
             self._compiled = torch.compile(self.model, dynamic=False)
-        return self._compiled
+        torch._dynamo.maybe_mark_dynamic(batch.decode_keys, 0)  # the cache length grows: one graph per bucket
+        return self._compiled(batch, self.cache)
 
     # ------------------------------------------------------------------ admission, warm-up
     def admit(self, setup: Setup, others: Sequence[Setup]) -> None:

@@ -16,7 +16,8 @@ from adapter_runtime.sampling import SamplingParams
 from tests.live import ServerProcess  # noqa: F401  (the server process helper, shared with the tests)
 
 SEED = 0
-VOCAB = 32000
+VOCAB = 32000  # the 40M model: a 32k-token head, like real Llamas
+SMALL_VOCAB = 384  # the same body with a small head: per-step overhead, not the head's GEMM, decides
 
 
 def device() -> torch.device:
@@ -27,25 +28,26 @@ def header() -> str:
     d = device()
     name = torch.cuda.get_device_name(0) if d.type == "cuda" else platform.processor() or platform.machine()
     return (f"# torch {torch.__version__} | threads {torch.get_num_threads()} | device {d.type} ({name}) | "
-            f"fp32 | model: random Llama 40M (h512, 8 layers, 8 heads / 4 kv, ffn 1376, vocab {VOCAB}, tied)")
+            f"fp32 | model: random Llama (h512, 8 layers, 8 heads / 4 kv, ffn 1376, tied), vocab {VOCAB} (40M) "
+            f"or {SMALL_VOCAB} (small head)")
 
 
-def llama_config():
+def llama_config(vocab: int = VOCAB):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=VOCAB, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
+        vocab_size=vocab, hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
 
 
-def hf_base():
+def hf_base(vocab: int = VOCAB):
     """The transformers model, seeded; every call returns the same weights (a fresh copy)."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(SEED)
-    config = llama_config()
+    config = llama_config(vocab)
     model = LlamaForCausalLM._from_config(config, attn_implementation="sdpa", torch_dtype=torch.float32)
     model.generation_config.eos_token_id = None  # ignore_eos: always run to max_new_tokens
     model.generation_config.pad_token_id = 0
@@ -66,32 +68,38 @@ def n_params(model) -> int:
 
 
 class TimedEngine(Engine):
-    """The engine, plus the time spent in (and tokens produced by) batched decode steps."""
+    """The engine, plus the time spent in (and tokens produced by) decode-only steps (sampling
+    and output processing included, like a decode step of the old engine)."""
 
     def reset_timers(self) -> None:
         self.decode_s, self.decode_tokens, self.decode_steps = 0.0, 0, 0
 
-    def _decode(self) -> None:
+    def _step(self, plan) -> None:
+        if plan.prefill or plan.admitted:
+            return super()._step(plan)
         t = time.perf_counter()
-        n = len(self._running)
-        super()._decode()
+        super()._step(plan)
         if device().type == "cuda":
             torch.cuda.synchronize()
         self.decode_s += time.perf_counter() - t
-        self.decode_tokens += n
+        self.decode_tokens += len(plan.decode)
         self.decode_steps += 1
 
 
-def make_engine(loaded: LoadedModel, max_batch: int = 32, max_seq_len: int = 320) -> TimedEngine:
-    engine = TimedEngine(loaded, config=EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, max_queue=1024))
+def make_engine(loaded: LoadedModel, max_batch: int = 32, max_seq_len: int = 320, compile: bool = False) -> TimedEngine:
+    config = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, max_queue=1024, compile=compile)
+    engine = TimedEngine(loaded, config=config)
+    if compile:
+        engine.runner.warm_up()
     engine.reset_timers()
     return engine.start()
 
 
-def prompts(n: int, length: int | list[int], seed: int = 1) -> list[list[int]]:
+def prompts(n: int, length: int | list[int], seed: int = 1, vocab: int = SMALL_VOCAB) -> list[list[int]]:
+    """Random token ids below `vocab` (the small model's vocabulary: valid for both models)."""
     g = torch.Generator().manual_seed(seed)
     lengths = [length] * n if isinstance(length, int) else length
-    return [torch.randint(3, VOCAB, (L,), generator=g).tolist() for L in lengths]
+    return [torch.randint(3, vocab, (L,), generator=g).tolist() for L in lengths]
 
 
 def params(max_tokens: int) -> SamplingParams:

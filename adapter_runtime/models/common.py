@@ -77,8 +77,7 @@ def attention_masks(batch: ForwardBatch, num_layers: int, sliding_window: int | 
     def build(hidden) -> LayerMasks:
         decode = None
         if D:
-            T = min(batch.decode_kv_len, max_len)
-            key = torch.arange(T, device=device)
+            key = batch.decode_keys  # [T]: 0..T-1 (a tensor, so that a compiled step sees T as a size)
             index = batch.decode_index[:, None]  # [D, 1]
             decode = key[None, :] <= index
             if sliding_window is not None:
@@ -101,6 +100,17 @@ def attention_masks(batch: ForwardBatch, num_layers: int, sliding_window: int | 
 
     shared = build(None)
     return [build(batch.prefix_hidden[i]) if i in batch.prefix_hidden else shared for i in range(num_layers)]
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """One query per row: q [D, nh, hd], keys/values [D, nkv, T, hd], mask [D, 1, 1, T] -> [D, nh*hd].
+    Two small batched matmuls with the query heads grouped by their KV head: for a single query
+    this is several times cheaper than the fused CPU attention kernel (README, "How it works")."""
+    D, nh, hd = q.shape
+    nkv, T = keys.shape[1], keys.shape[2]
+    scores = torch.matmul(q.view(D, nkv, nh // nkv, hd), keys.transpose(-1, -2)) * scale  # [D, nkv, g, T]
+    scores = scores.masked_fill(~mask.view(D, 1, 1, T), float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(D, nh * hd)
 
 
 def cached_attention(
@@ -127,9 +137,7 @@ def cached_attention(
             keys, values = cache_k[:D, :, :T], cache_v[:D, :, :T]
         else:
             keys, values = cache_k[batch.decode_slots, :, :T], cache_v[batch.decode_slots, :, :T]
-        out = F.scaled_dot_product_attention(q[:D, :, None], keys, values, attn_mask=masks.decode, scale=scale,
-                                             enable_gqa=gqa)  # [D, nh, 1, hd]
-        outs.append(out.reshape(D, nh * hd))
+        outs.append(decode_attention(q[:D], keys, values, masks.decode, scale))
     for row, mask in zip(batch.rows[D:], masks.prefill):
         T = row.start + row.count
         qr = q[row.first : row.first + row.count].transpose(0, 1)[None]  # [1, nh, n, hd]
@@ -146,25 +154,46 @@ def can_prepack(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
 
 
+@torch.library.custom_op("adapter_server::onednn_linear", mutates_args=())
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T + bias through the oneDNN pre-packed copy that `FusedLinear` attaches to
+    `weight` (an opaque tensor torch.compile cannot trace, hence this op)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight.onednn_packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 class FusedLinear:
     """The concatenation of some nn.Linears that read the same input (q|k|v, gate|up), as one
-    weight: pre-packed for oneDNN on the CPU, a plain matrix elsewhere. Built from the modules'
-    current weights (rebuilt after a merge or reset changes them); returns the parts."""
+    weight: pre-packed for oneDNN on the CPU, a plain matrix elsewhere. `refresh` rebuilds it in
+    place from the modules' current weights (after a merge or reset), so a compiled step that
+    reads it stays valid. Returns the parts."""
 
     def __init__(self, linears: Sequence[nn.Linear], pack: bool, batch_hint: int = 32):
+        self.linears, self.pack, self.batch_hint = list(linears), pack, batch_hint
+        self.splits = [m.out_features for m in linears]
+        self.refresh()
+
+    def refresh(self) -> None:
+        linears = self.linears
         weight = torch.cat([m.weight for m in linears]) if len(linears) > 1 else linears[0].weight
         biases = [m.bias for m in linears]
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b if b is not None else weight.new_zeros(m.out_features) for b, m in zip(biases, linears)])
-        self.splits = [m.out_features for m in linears]
-        self.packed = pack
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint) if pack else weight.detach()
+        self.weight = weight.detach()
+        if self.pack:  # a Python attribute on the plain weight carries the opaque packed copy
+            self.weight.onednn_packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, self.batch_hint)
 
     def __call__(self, x: Tensor) -> list[Tensor]:
-        if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        else:
+        if not self.pack:
             y = F.linear(x, self.weight, self.bias)
+        elif torch.compiler.is_compiling():
+            y = onednn_linear(x, self.weight, self.bias)
+        else:  # eager: skip the custom op's dispatch
+            y = torch.ops.mkldnn._linear_pointwise(x, self.weight.onednn_packed, self.bias, "none", [], "")
         return list(y.split(self.splits, dim=-1)) if len(self.splits) > 1 else [y]
 
 
@@ -175,6 +204,10 @@ class BaseLinear:
     def __init__(self, module: nn.Linear, pack: bool):
         self.module = module
         self.fused = FusedLinear([module], pack) if pack else None
+
+    def refresh(self) -> None:
+        if self.fused is not None:
+            self.fused.refresh()
 
     @property
     def weight(self) -> Tensor:
@@ -196,6 +229,12 @@ class Projections(nn.Module):
     FUSE: tuple[tuple[str, ...], ...] = ()  # groups of linear names that read the same input
 
     def prepack(self, pack: bool, fuse: bool) -> None:
+        ops, fused = self.__dict__.get("ops"), self.__dict__.get("fused")
+        if ops is not None and all(op.fused is None or op.fused.pack == pack for op in ops.values()) \
+                and bool(fused) == (fuse and bool(self.FUSE)):
+            for op in [*ops.values(), *fused.values()]:  # same objects, new weights: compiled steps stay valid
+                op.refresh()
+            return
         linears = {n: m for n, m in self.named_children() if isinstance(m, nn.Linear)}
         self.ops = {n: BaseLinear(m, pack) for n, m in linears.items()}
         self.fused = {g: FusedLinear([linears[n] for n in g], pack) for g in self.FUSE} if fuse else {}
