@@ -273,6 +273,7 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
         self._fail_all(EngineUnavailable("the engine stopped before the request finished"))
+        self.runner.close()
 
     def __enter__(self) -> "Engine":
         return self.start()

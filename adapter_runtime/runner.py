@@ -9,8 +9,9 @@ bucket and on which bank kinds the step uses, never on which adapters the rows n
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -37,11 +38,13 @@ class RowState:
 
 
 def buckets_for(max_batch: int) -> list[int]:
-    """Batch sizes a decode step is padded to: powers of two up to max_batch, and max_batch."""
+    """Batch sizes a decode step is padded to: powers of four up to max_batch, and max_batch
+    (each is one compile; on the CPU a few padding rows cost little: small GEMMs are bound by
+    reading the weights)."""
     sizes, b = [], 1
     while b < max_batch:
         sizes.append(b)
-        b *= 2
+        b *= 4
     return sizes + [max_batch]
 
 
@@ -56,7 +59,12 @@ class ModelRunner:
         self.scratch_slot = cache.num_slots - 1  # padding rows of a static step write here
         self.buckets = sorted(buckets) or buckets_for(cache.num_slots - 1)
         self.compile = compile
-        self._compiled = None
+        self._compiled = torch.compile(model, dynamic=False) if compile else None
+        self._ready: set = set()  # variants of the static step that are compiled
+        self._compiling: dict = {}  # variant -> a step's batch of it, waiting for (or in) the compile thread
+        self._lock = threading.Lock()
+        self._compiler: threading.Thread | None = None
+        self.compile_in_background = True  # False: a step of a new variant waits for its compile (tests)
         self.steps = {"static": 0, "compiled": 0, "eager": 0}  # how steps ran (tests and logs read it)
         self.memo: dict = {}  # DoRA factors; cleared whenever base weights change
         self.refresh_weights()
@@ -123,11 +131,78 @@ class ModelRunner:
         self.steps["static" if static else "eager"] += 1
         if not (static and self.compile):
             return self.model(batch, self.cache)
+        key = self._variant(batch)
+        if not self.compile_in_background and key not in self._ready:
+            self._compile_variant(key, batch)
+        with self._lock:
+            ready = key in self._ready
+            if not ready and key not in self._compiling:
+                self._compiling[key] = batch
+                if self._compiler is None or not self._compiler.is_alive():
+                    # not a daemon: exiting mid-compile aborts the process; close() lets it finish first
+                    self._compiler = threading.Thread(target=self._compile_queued, name="compile")
+                    self._compiler.start()
+        if not ready:  # eager until the background compile of this variant is done
+            self.steps["eager"] += 1
+            return self.model(batch, self.cache)
         self.steps["compiled"] += 1
-        if self._compiled is None:
-            self._compiled = torch.compile(self.model, dynamic=False)
-        torch._dynamo.maybe_mark_dynamic(batch.decode_keys, 0)  # the cache length grows: one graph per bucket
+        return self._run_compiled(batch)
+
+    def _run_compiled(self, batch: ForwardBatch) -> Tensor:
+        torch._dynamo.maybe_mark_dynamic(batch.decode_keys, 0)  # the cache length grows: one graph per variant
         return self._compiled(batch, self.cache)
+
+    def _variant(self, batch: ForwardBatch) -> tuple:
+        """What a compiled static step depends on: the bucket, how the cache is read, which bank
+        kinds and sites the rows use and the banks' shapes - never which adapters they are."""
+        ad = batch.adapters
+        return (batch.num_tokens, batch.decode_slot_view, tuple(sorted(batch.prefix_hidden)),
+                tuple(sorted((k, tuple(sorted(map(repr, v)))) for k, v in ad.active.items())),
+                self.banks.signature() if ad.slots is not None else None)
+
+    def _compile_queued(self) -> None:
+        """The compile thread: one variant after the other, until none is waiting."""
+        while True:
+            with self._lock:
+                if not self._compiling:
+                    self._compiler = None
+                    return
+                key, batch = next(iter(self._compiling.items()))
+            self._compile_variant(key, batch)
+
+    def _compile_variant(self, key: tuple, batch: ForwardBatch) -> None:
+        """Compile one variant by running it once on a copy of a real step whose rows all write
+        to the scratch slot (its output is thrown away); the worker runs eager meanwhile."""
+        t = time.perf_counter()
+        scratch = torch.full_like(batch.write_slots, self.scratch_slot)
+        try:
+            with torch.inference_mode():
+                self._run_compiled(replace(batch, write_slots=scratch))
+        except Exception:
+            log.exception("compiling the static decode step failed; it stays eager")
+            with self._lock:
+                self._compiling.pop(key, None)
+            return
+        with self._lock:
+            self._ready.add(key)
+            self._compiling.pop(key, None)
+        log.info("compiled the static decode step for %d rows (%s) in %.1fs", batch.num_tokens,
+                 ", ".join(k for k, _ in key[3]) or "no adapters", time.perf_counter() - t)
+
+    def close(self) -> None:
+        """Drop queued compiles and wait for the one in progress (at engine stop)."""
+        with self._lock:
+            self._compiling = {k: v for k, v in list(self._compiling.items())[:1]}
+        self.wait_compiled()
+
+    def wait_compiled(self) -> None:
+        """Block until every compile queued so far is done (benchmarks)."""
+        while True:
+            with self._lock:
+                thread = self._compiler
+            if thread is None:
+                return
+            thread.join()
 
     # ------------------------------------------------------------------ admission, warm-up
     def admit(self, setup: Setup, others: Sequence[Setup]) -> None:
@@ -139,20 +214,21 @@ class ModelRunner:
             in_use = [s for o in others if len(o) == 1 and (s := self.banks.peek(o[0])) is not None]
             self.banks.slot(setup[0], in_use)
 
-    def warm_up(self) -> None:
-        """Compile the static decode step for every bucket now (base rows, scratch slot), one
-        log line per bucket; steps that use adapter banks compile on first use."""
+    def warm_up(self, wait: bool = False) -> None:
+        """Start compiling the static decode step for every bucket (base rows, scratch slot) in
+        the background, one log line per bucket when done; steps run eager until their variant
+        is compiled. Variants that use adapter banks compile the first time they are seen."""
         if not self.compile:
             return
         from .scheduler import Sequence as Seq
 
         with torch.inference_mode():
             for size in self.buckets:
-                t = time.perf_counter()
                 seqs = [Seq(None, 1, slot=self.scratch_slot, computed=1) for _ in range(size)]
                 rows = {id(s): RowState([0], (), _PLAIN, False) for s in seqs}
                 self.execute(StepPlan(decode=seqs), rows, None)
-                log.info("compiled the decode step for batch bucket %d in %.1fs", size, time.perf_counter() - t)
+        if wait:
+            self.wait_compiled()
 
 
 class _PlainLayout:

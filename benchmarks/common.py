@@ -90,7 +90,7 @@ def make_engine(loaded: LoadedModel, max_batch: int = 32, max_seq_len: int = 320
     config = EngineConfig(max_batch=max_batch, max_seq_len=max_seq_len, max_queue=1024, compile=compile)
     engine = TimedEngine(loaded, config=config)
     if compile:
-        engine.runner.warm_up()
+        engine.runner.warm_up(wait=True)
     engine.reset_timers()
     return engine.start()
 

@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 def build_engine(settings: Settings):
     from adapter_runtime.engine import EngineConfig, build_engine
 
-    config = EngineConfig(max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, max_queue=settings.max_queue)
+    config = EngineConfig(max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, max_queue=settings.max_queue,
+                          compile=settings.compile, token_budget=settings.token_budget,
+                          bank_slots=max(settings.max_batch, settings.device_cache_adapters))
     engine = build_engine(settings.model, settings.dtype, settings.device, config, settings.adapters)
     attach_store(engine, settings)
     return engine

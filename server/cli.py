@@ -33,6 +33,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
     s.add_argument("--shutdown-grace-s", type=float, dest="shutdown_grace_s",
                    help="on SIGTERM, running requests get this many seconds to finish (default 10)")
+    s.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                   help="run every engine step eagerly (default: compile the static decode step at startup)")
+    s.add_argument("--token-budget", type=int, dest="token_budget",
+                   help="tokens per engine step, decode rows + prompt chunks (default 512)")
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     return p

@@ -38,6 +38,8 @@ class Settings:
     max_stack_adapters: int = 8  # adapters in one request's `adapters` stack
     max_streams_per_key: int | None = 64  # concurrent engine requests per API key (per client host without keys)
     shutdown_grace_s: float = 10.0  # on SIGTERM: running requests get this long to finish
+    compile: bool = True  # compile the static decode step at startup (torch.compile); False = eager
+    token_budget: int = 512  # tokens per engine step: decode rows + prompt chunks (chunked prefill)
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -67,6 +69,10 @@ def parse_field(name: str, raw: str):
         return int(raw)
     if name == "shutdown_grace_s":
         return float(raw)
+    if name == "compile":
+        return raw.strip().lower() not in ("0", "false", "no", "off")
+    if name == "token_budget":
+        return int(raw)
     if name == "adapters":
         return tuple(parse_adapter_spec(s) for s in raw.split(",") if s.strip())
     return raw

@@ -34,8 +34,9 @@ class ServerProcess:
         command = [sys.executable, "-m", "server", "serve", "--port", str(port)]
         command += ["--log-level", log_level] if log_level else []
         with open(self.log_path, "w") as out:
-            self.proc = subprocess.Popen([*command, *args], cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                                         stdout=out, stderr=subprocess.STDOUT)
+            # eager unless asked: compiling the decode step at startup takes tens of seconds per server
+            env = {"ADAPTER_SERVER_COMPILE": "0", **os.environ, "PYTHONUNBUFFERED": "1"}
+            self.proc = subprocess.Popen([*command, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
