@@ -25,7 +25,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .adapters import Adapter
+from .adapters import Adapter, LoRA
 from .errors import AdapterConflict, AdapterFormatError, AdapterNotFound, AdapterUnsupported, InvalidRequest
 from .formats import detect_format, load_adapter, read_json, read_tensors
 from .formats.adapterhub import HEAD_WEIGHT_FILES, eject_prefix, is_flex_model
@@ -40,6 +40,8 @@ WEIGHTS = {
     "adapterhub": (("adapter.safetensors", "pytorch_adapter.bin"), "adapter.safetensors"),
 }
 PREFIX_ALIAS = "prefix_tuning.pool.prefix_tunings."
+# methods read as a LoRA whose rank comes from multiplying factors out (formats/as_lora.py)
+FACTORED_METHODS = ("loha", "lokr")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,12 @@ def check_limits(adapter: Adapter, limits: StoreLimits) -> None:
     rank = lora_rank(dict(adapter.config))
     if rank > limits.max_lora_rank:
         raise AdapterUnsupported(f"LoRA rank {rank} is over this server's max_lora_rank={limits.max_lora_rank}")
+    if adapter.method in FACTORED_METHODS:  # served as an exact LoRA whose rank is not the config's r
+        served = max((e.A.shape[0] for e in adapter.linear.values() if isinstance(e, LoRA)), default=0)
+        if served > limits.max_lora_rank:
+            raise AdapterUnsupported(
+                f"{adapter.method} adapter is served as an exact LoRA of rank {served} (its factors multiplied out), "
+                f"over this server's max_lora_rank={limits.max_lora_rank}")
     for part in (adapter.prefix, adapter.prompt):
         if part is not None and part.length > limits.max_prefix_len:
             raise AdapterUnsupported(f"prefix/prompt length {part.length} is over this server's "

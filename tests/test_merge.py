@@ -33,10 +33,10 @@ def make(kind: str, case: str, directory):
     if case == "peft-lora":
         targets = ["c_attn", "mlp.c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
         return peft_adapter(kind, LoraConfig(r=4, lora_alpha=8, target_modules=targets), directory)[0]
-    if case == "peft-dora":  # not mergeable itself, but its per-row norm must ignore a merged delta
-        targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"]
+    if case in ("peft-dora", "other-dora"):  # the other rows' per-row norm must ignore a merged delta
+        targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj"]
         return peft_adapter(kind, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets), directory,
-                            seed=11)[0]
+                            seed=11 if case == "peft-dora" else 12)[0]
     if case == "peft-ia3":  # feed-forward modules scale their input
         return peft_adapter(kind, IA3Config(), directory, ia3=True)[0]
     if case == "hub-lora":
@@ -54,15 +54,19 @@ def bases(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind,case", [("gpt2", "peft-lora"), ("llama", "peft-lora"), ("llama", "peft-ia3"),
-                                       ("gpt2", "hub-lora"), ("gpt2", "hub-ia3"), ("llama", "hub-union")])
+                                       ("gpt2", "hub-lora"), ("gpt2", "hub-ia3"), ("llama", "hub-union"),
+                                       ("gpt2", "peft-dora"), ("llama", "peft-dora")])
 def test_merge_keeps_every_output_and_reset_is_exact(bases, kind, case, tmp_path):
+    """Rows: the merged adapter, a LoRA elsewhere, the base, and a DoRA on the merged sites
+    (whose norm must be taken from the original weights)."""
     lm = bases[kind]
     model, info = lm.model, lm.info
     target = load_adapter(make(kind, case, tmp_path / "target"), info, "target")
     other = load_adapter(peft_adapter(kind, LoraConfig(r=2, target_modules=["c_fc"] if kind == "gpt2" else ["up_proj"]),
                                       tmp_path / "other", seed=7)[0], info, "other")
-    rows = random_ids(3, 10, seed=2).tolist()
-    setups = [(target,), (other,), ()]
+    dora = load_adapter(make(kind, "other-dora", tmp_path / "dora"), info, "dora")
+    rows = random_ids(4, 10, seed=2).tolist()
+    setups = [(target,), (other,), (), (dora,)]
     before = forward_sequences(model, rows, setups)
     assert (before[0] - before[2]).abs().max() > 1e-2, "the adapter must change the output"
     originals = {k: v.clone() for k, v in model.state_dict().items()}
@@ -71,7 +75,7 @@ def test_merge_keeps_every_output_and_reset_is_exact(bases, kind, case, tmp_path
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, originals[k])]
     assert changed, "a merge must change base weights"
     merged = forward_sequences(model, rows, setups, merged=record.merged)
-    for b in range(3):
+    for b in range(4):
         assert (merged[b] - before[b]).abs().max().item() <= TOL
 
     merge_ops.reset(model, record)
@@ -93,6 +97,24 @@ def test_merged_lora_weights_equal_adapterhub_merge(kind, tmp_path):
         weight = theirs[f"{prefix}.weight"]
         weight = weight.T if kind == "gpt2" else weight  # Conv1D [in, out]
         assert (merge_ops.site_linear(ours, layer, module).weight - weight).abs().max() <= 1e-6, (layer, module)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_merged_dora_weights_equal_peft_merge(kind, tmp_path):
+    """W' = diag(m / ||W + s B A||) (W + s B A), the bias untouched: PEFT's merge_and_unload."""
+    directory = make(kind, "peft-dora", tmp_path / "dora")
+    hf = hf_model(kind)
+    ours = build_model(copy.deepcopy(hf.config), {k: v.clone() for k, v in hf.state_dict().items()}, torch.float32, "cpu")
+    theirs = peft.PeftModel.from_pretrained(hf, directory).merge_and_unload().state_dict()
+    record = merge_ops.merge(ours, load_adapter(directory, ours.info, "dora"))
+    for (layer, module) in record.originals:
+        prefix = f"transformer.h.{layer}.{module}" if kind == "gpt2" else f"model.layers.{layer}.{module}"
+        weight = theirs[f"{prefix}.weight"]
+        weight = weight.T if kind == "gpt2" else weight  # Conv1D [in, out]
+        linear = merge_ops.site_linear(ours, layer, module)
+        assert (linear.weight - weight).abs().max() <= 1e-6, (layer, module)
+        if linear.bias is not None:
+            assert torch.equal(linear.bias, theirs[f"{prefix}.bias"])
 
 
 def test_unmergeable_adapters_are_refused_and_change_nothing(bases, tmp_path):
@@ -122,7 +144,7 @@ def test_merge_and_reset_while_streams_run(bases, tmp_path):
         alone = [engine.submit(request(i)).result(60).token_ids for i in range(16)]
         handles = [engine.submit(request(i)) for i in range(16)]
         for op in (lambda: engine.merge("lora"), engine.reset, lambda: engine.merge("ia3"), engine.reset,
-                   lambda: engine.merge("union")):
+                   lambda: engine.merge("dora"), engine.reset, lambda: engine.merge("union")):
             op()
         results = [h.result(60).token_ids for h in handles]
         assert engine.merged_name == "union"
