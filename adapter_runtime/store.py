@@ -40,8 +40,9 @@ WEIGHTS = {
     "adapterhub": (("adapter.safetensors", "pytorch_adapter.bin"), "adapter.safetensors"),
 }
 PREFIX_ALIAS = "prefix_tuning.pool.prefix_tunings."
-# methods read as a LoRA whose rank comes from multiplying factors out (formats/as_lora.py)
-FACTORED_METHODS = ("loha", "lokr")
+# methods served as a LoRA whose rank is not the config's `r` (factors multiplied out by
+# formats/as_lora.py; AdaLoRA's rank is init_r or what pruning kept)
+FACTORED_METHODS = ("loha", "lokr", "adalora")
 
 
 @dataclass(frozen=True)

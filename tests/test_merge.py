@@ -24,7 +24,7 @@ from tests.tiny import hf_model, random_ids, save_checkpoint
 adapters_lib = pytest.importorskip("adapters")
 peft = pytest.importorskip("peft")
 from adapters import ConfigUnion, IA3Config as HubIA3, LoRAConfig as HubLoRA, SeqBnConfig  # noqa: E402
-from peft import IA3Config, LoraConfig  # noqa: E402
+from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig  # noqa: E402
 
 TOL = 1e-4
 
@@ -37,6 +37,8 @@ def make(kind: str, case: str, directory):
         targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj"]
         return peft_adapter(kind, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets), directory,
                             seed=11 if case == "peft-dora" else 12)[0]
+    if case == "peft-lokr":  # read as an exact LoRA of rank 8 x 2
+        return peft_adapter(kind, LoKrConfig(r=2, alpha=3, target_modules=["q_proj", "down_proj"]), directory)[0]
     if case == "peft-ia3":  # feed-forward modules scale their input
         return peft_adapter(kind, IA3Config(), directory, ia3=True)[0]
     if case == "hub-lora":
@@ -55,7 +57,7 @@ def bases(tmp_path_factory):
 
 @pytest.mark.parametrize("kind,case", [("gpt2", "peft-lora"), ("llama", "peft-lora"), ("llama", "peft-ia3"),
                                        ("gpt2", "hub-lora"), ("gpt2", "hub-ia3"), ("llama", "hub-union"),
-                                       ("gpt2", "peft-dora"), ("llama", "peft-dora")])
+                                       ("gpt2", "peft-dora"), ("llama", "peft-dora"), ("llama", "peft-lokr")])
 def test_merge_keeps_every_output_and_reset_is_exact(bases, kind, case, tmp_path):
     """Rows: the merged adapter, a LoRA elsewhere, the base, and a DoRA on the merged sites
     (whose norm must be taken from the original weights)."""
@@ -99,14 +101,27 @@ def test_merged_lora_weights_equal_adapterhub_merge(kind, tmp_path):
         assert (merge_ops.site_linear(ours, layer, module).weight - weight).abs().max() <= 1e-6, (layer, module)
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_merged_dora_weights_equal_peft_merge(kind, tmp_path):
-    """W' = diag(m / ||W + s B A||) (W + s B A), the bias untouched: PEFT's merge_and_unload."""
-    directory = make(kind, "peft-dora", tmp_path / "dora")
+FACTORED = {  # methods read as an exact LoRA; their merge must still be PEFT's W + dW
+    "vera": lambda: VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "loha": lambda: LoHaConfig(r=2, alpha=3, target_modules=["q_proj", "down_proj"]),
+    "lokr": lambda: LoKrConfig(r=2, alpha=3, target_modules=["k_proj", "up_proj"]),
+    "adalora": lambda: AdaLoraConfig(init_r=4, total_step=10, target_modules=["q_proj", "o_proj"]),
+}
+
+
+@pytest.mark.parametrize("kind,case", [("gpt2", "peft-dora"), ("llama", "peft-dora"),
+                                       *(("llama", f) for f in FACTORED)])
+def test_merged_weights_equal_peft_merge(kind, case, tmp_path):
+    """DoRA: W' = diag(m / ||W + s B A||) (W + s B A), the bias untouched; the others W + dW:
+    PEFT's merge_and_unload."""
+    if case in FACTORED:
+        directory = peft_adapter(kind, FACTORED[case](), tmp_path / case)[0]
+    else:
+        directory = make(kind, case, tmp_path / "dora")
     hf = hf_model(kind)
     ours = build_model(copy.deepcopy(hf.config), {k: v.clone() for k, v in hf.state_dict().items()}, torch.float32, "cpu")
     theirs = peft.PeftModel.from_pretrained(hf, directory).merge_and_unload().state_dict()
-    record = merge_ops.merge(ours, load_adapter(directory, ours.info, "dora"))
+    record = merge_ops.merge(ours, load_adapter(directory, ours.info, case))
     for (layer, module) in record.originals:
         prefix = f"transformer.h.{layer}.{module}" if kind == "gpt2" else f"model.layers.{layer}.{module}"
         weight = theirs[f"{prefix}.weight"]

@@ -262,6 +262,20 @@ def test_lokr(options, bases, tmp_path):
     assert all(e.A.shape[0] <= min(e.A.shape[1], e.B.shape[0]) for e in adapter.linear.values())
 
 
+def test_factored_rank_counts_against_max_lora_rank(bases, tmp_path):
+    """LoKr r=2 with a full 8x8 factor is served as a rank-16 LoRA: the store's max_lora_rank
+    applies to that rank, not to the config's r."""
+    from adapter_runtime.store import AdapterStore, StoreLimits
+
+    directory = make_adapter("llama", LoKrConfig(task_type="CAUSAL_LM", r=2, alpha=4, target_modules=["q_proj"],
+                                                 decompose_factor=8), tmp_path / "lokr")
+    info = bases["llama"][1].info
+    assert max(e.A.shape[0] for e in load_adapter(directory, info).linear.values()) == 16
+    with pytest.raises(AdapterUnsupported, match="rank 16"):
+        AdapterStore(tmp_path / "store", info, StoreLimits(max_lora_rank=8)).add("lokr", directory)
+    AdapterStore(tmp_path / "store", info, StoreLimits(max_lora_rank=16)).add("lokr", directory)
+
+
 def adalora_adapter(kind, directory, targets, seed=1):
     """A few real AdaLoRA training steps, so that the rank allocation prunes: the saved tensors
     are cut to the kept ranks (some modules to rank 0) and the config holds the masks."""
@@ -293,6 +307,7 @@ def test_adalora(kind, bases, tmp_path):
     assert saved["rank_pattern"], "the rank allocation must have run"
     adapter = check_logits(kind, bases, directory)
     assert all(0 < e.A.shape[0] < 6 for e in adapter.linear.values())
+    assert len(adapter.linear) == sum(1 for mask in saved["rank_pattern"].values() if any(mask))  # rank 0: no effect
     assert next(iter(adapter.linear.values())).scale == pytest.approx(10 / 6, rel=1e-5)  # alpha / init_r
     check_greedy(kind, bases, directory)
 
