@@ -431,10 +431,10 @@ def _fused_qkv_effect(config: Mapping, w: Weights, p: str, H: int, matrices: lis
 
 
 def read_lora(config: Mapping, w: Weights, info: ModelInfo) -> Part:
-    _check_lora_options(config, info)
     for key in ("r", "alpha"):
         if isinstance(config.get(key), bool) or not isinstance(config.get(key), (int, float)) or config[key] <= 0:
             raise AdapterFormatError(f"LoRA {key} must be a positive number, got {config.get(key)!r}")
+    _check_lora_options(config, info)
     modules = LORA_MODULES[info.family]
     matrices = [m for m in "qkv" if m in (config.get("attn_matrices") or [])]  # canonical order; "o" ignored
     part = Part(_lora_method(config))

@@ -17,6 +17,7 @@ different math is refused with a typed error naming the option.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -128,7 +129,7 @@ def read_injected(peft_type: str, config: dict, tensors: dict[str, Tensor], info
         raise AdapterFormatError("adapter_model holds no adapter tensors")
     if peft_type == "VERA":
         projections = vera_projections(config, shared, [info.linear_shapes[m] for _, m in sites])
-        build = lambda path, shape, params, config: vera_effect(path, shape, params, config, projections)  # noqa: E731
+        build = functools.partial(vera_effect, projections=projections)
     else:
         build = {"LORA": lora_effect, "IA3": ia3_effect, "LOHA": loha_effect, "LOKR": lokr_effect,
                  "ADALORA": adalora_effect}[peft_type]
