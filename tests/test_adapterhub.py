@@ -356,6 +356,15 @@ def test_validate_stack_refusals(tmp_path):
     with pytest.raises(InvalidRequest, match="c_attn"):
         validate_stack([seq, lora])
 
+    hf, ours, dirs = setup_case("llama", {"d": DoRAConfig(r=2, alpha=2, attn_matrices=["q"]), "q": LoRAConfig(r=2),
+                                          "s": SeqBnConfig()}, tmp_path / "dora")
+    for n, d in dirs.items():
+        hf.save_adapter(str(d), n)
+    dora, lora_q, seq = (load_adapter(dirs[n], ours.info) for n in ("d", "q", "s"))
+    with pytest.raises(InvalidRequest, match="DoRA"):
+        validate_stack([lora_q, dora])
+    validate_stack([dora, seq])  # no shared linear: fine
+
 
 # ----------------------------------------------------------------------------- refusals and broken files
 

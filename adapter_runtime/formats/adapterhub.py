@@ -656,8 +656,9 @@ def validate_stack(setup: Sequence[Adapter]) -> None:
     composed as in §7.2 (bottlenecks chain per location, the first adapter's NICE only, prefixes
     concatenate, linear effects apply in order), e.g. MAD-X Stack(lang SeqBnInv, task SeqBn).
     Refused: PEFT adapters or prompts in a Stack, LoRA/IA3 on GPT-2's fused c_attn in a Stack
-    (the library raises there), and a LoRA that would read an earlier adapter's output at a
-    linear whose in != out (the library fails with a shape error)."""
+    (the library raises there), a LoRA that would read an earlier adapter's output at a
+    linear whose in != out (the library fails with a shape error), and a DoRA sharing a linear
+    with another adapter of the stack."""
     if len(setup) <= 1:
         return
     for a in setup:
@@ -672,6 +673,11 @@ def validate_stack(setup: Sequence[Adapter]) -> None:
     sites = {site for a in setup for site in a.linear}
     for site in sites:
         effects = [(a.name, e) for a in setup if (e := a.linear.get(site)) is not None]
+        dora = next((name for name, e in effects if isinstance(e, LoRA) and e.magnitude is not None), None)
+        if dora is not None and len(effects) > 1:
+            raise InvalidRequest(
+                f"DoRA adapter {dora!r} shares layer {site[0]} {site[1]} with another adapter of the stack: the library "
+                "renormalizes the composed delta by the last adapter's norm there, which this server does not compute")
         for name, e in effects[1:]:
             if isinstance(e, LoRA) and e.A.shape[1] != e.B.shape[0]:
                 raise InvalidRequest(
