@@ -225,7 +225,8 @@ def test_vera(kind, bases, tmp_path):
     config = VeraConfig(task_type="CAUSAL_LM", r=6, target_modules=targets)
     adapter = check_logits(kind, bases, make_adapter(kind, config, tmp_path))
     assert adapter.method == "vera" and all(e.A.shape[0] == 6 for e in adapter.linear.values())
-    check_greedy(kind, bases, tmp_path)
+    if kind == "gpt2":  # Llama's greedy tokens are checked in the mixed batch (tests/test_mixed.py)
+        check_greedy(kind, bases, tmp_path)
 
 
 def test_vera_projection_regenerated_from_its_key(bases, tmp_path):
@@ -248,7 +249,6 @@ def test_loha(bases, tmp_path):
     assert adapter.linear[(0, "self_attn.q_proj")].A.shape[0] == 9
     assert adapter.linear[(0, "self_attn.v_proj")].A.shape[0] == 4
     assert adapter.linear[(1, "self_attn.q_proj")].scale == pytest.approx(11 / 3)
-    check_greedy("llama", bases, tmp_path)
 
 
 @pytest.mark.parametrize("options", [
@@ -309,7 +309,8 @@ def test_adalora(kind, bases, tmp_path):
     assert all(0 < e.A.shape[0] < 6 for e in adapter.linear.values())
     assert len(adapter.linear) == sum(1 for mask in saved["rank_pattern"].values() if any(mask))  # rank 0: no effect
     assert next(iter(adapter.linear.values())).scale == pytest.approx(10 / 6, rel=1e-5)  # alpha / init_r
-    check_greedy(kind, bases, directory)
+    if kind == "gpt2":  # Llama's greedy tokens are checked in the mixed batch (tests/test_mixed.py)
+        check_greedy(kind, bases, directory)
 
 
 def test_refuses_loha_convolution_keys(bases, tmp_path):
