@@ -33,7 +33,7 @@ import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .adapters import Adapter
+from .adapters import Adapter, LoRA
 from .errors import (AdapterConflict, AdapterFormatError, AdapterIncompatible, AdapterNotFound, AdapterUnsupported,
                      InvalidRequest, brief)
 from .formats import detect_format, load_adapter, read_json, read_tensors
@@ -54,6 +54,9 @@ ADAPTER_FILES = ("adapter_config.json", "head_config.json", *(f for accepted, _ 
                  *HEAD_WEIGHT_FILES)
 # config keys that say nothing about the model's shape or math (paths, versions, runtime flags)
 VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "use_cache")
+# methods served as a LoRA whose rank is not the config's `r` (factors multiplied out by
+# formats/as_lora.py; AdaLoRA's rank is init_r or what pruning kept)
+FACTORED_METHODS = ("loha", "lokr", "adalora")
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,12 @@ def check_limits(adapter: Adapter, limits: StoreLimits) -> None:
     rank = lora_rank(dict(adapter.config))
     if rank > limits.max_lora_rank:
         raise AdapterUnsupported(f"LoRA rank {rank} is over this server's max_lora_rank={limits.max_lora_rank}")
+    if adapter.method in FACTORED_METHODS:  # served as an exact LoRA whose rank is not the config's r
+        served = max((e.A.shape[0] for e in adapter.linear.values() if isinstance(e, LoRA)), default=0)
+        if served > limits.max_lora_rank:
+            raise AdapterUnsupported(
+                f"{adapter.method} adapter is served as an exact LoRA of rank {served} (its factors multiplied out), "
+                f"over this server's max_lora_rank={limits.max_lora_rank}")
     for part in (adapter.prefix, adapter.prompt):
         if part is not None and part.length > limits.max_prefix_len:
             raise AdapterUnsupported(f"prefix/prompt length {part.length} is over this server's "

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from . import auth, errors, routes, routes_adapters, routes_merge
+from . import auth, errors, routes, routes_adapters, routes_compose, routes_merge
 from .limits import StreamLimiter
 from .metrics import Metrics
 from .middleware import RequestContext
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(routes_adapters.router)
     app.include_router(routes_merge.router)
+    app.include_router(routes_compose.router)
     return app
 
 
