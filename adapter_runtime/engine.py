@@ -445,7 +445,12 @@ class Engine:
         def do() -> str:
             if self._merge is not None:
                 raise AdapterConflict(f"adapter {self.merged_name!r} is merged; reset it before merging {name!r}")
-            self._merge = merge_ops.merge(self.model, adapter)
+            self.registry.mark_merged(name, adapter)  # 404 if `name` was deleted or replaced meanwhile
+            try:
+                self._merge = merge_ops.merge(self.model, adapter)
+            except BaseException:
+                self.registry.clear_merged()
+                raise
             self.runner.refresh_weights()
             log.info("merged adapter %r into the base weights", name)
             return name
@@ -463,14 +468,16 @@ class Engine:
             merge_ops.reset(self.model, self._merge)
             self._merge = None
             self.runner.refresh_weights()
+            self.registry.clear_merged()
             log.info("reset: adapter %r unmerged, base weights restored", name)
             return name
 
         return self._between_steps(do, timeout)
 
     def _between_steps(self, fn, timeout: float | None):
-        """Run `fn` on the worker thread between two steps (or here if no worker runs). A
-        command whose caller stopped waiting (timeout) is cancelled, never applied later."""
+        """Run `fn` on the worker thread between two steps (or here if no worker runs). If it
+        has not started within `timeout`, it is cancelled (never applied later) and this
+        raises EngineUnavailable; if it started meanwhile, its real outcome is returned."""
         if self._thread is None or threading.current_thread() is self._thread:
             with torch.inference_mode():
                 return fn()
@@ -483,17 +490,17 @@ class Engine:
         try:
             return future.result(timeout)
         except TimeoutError:
-            if future.cancel():  # still queued: it will never run
-                raise EngineUnavailable(f"the engine did not reach a step boundary within {timeout}s; "
-                                        "the command was cancelled") from None
-            return future.result()  # already running: its outcome is the answer
+            if future.cancel():
+                raise EngineUnavailable(f"the engine did not reach a step boundary within {timeout:g} s; "
+                                        "the command was cancelled and nothing changed") from None
+            return future.result()  # it is running now: answer with what really happened
 
     def _run_commands(self) -> None:
         with self._cond:
             commands, self._commands = self._commands, []
         for fn, future in commands:
             if not future.set_running_or_notify_cancel():
-                continue  # its caller timed out and cancelled it
+                continue  # its caller gave up waiting: never apply it late
             try:
                 future.set_result(fn())
             except Exception as e:
@@ -526,7 +533,7 @@ class Engine:
     def _fail(self, state: _Active, error: Exception) -> None:
         if not isinstance(error, AdapterRuntimeError):
             log.exception("request %s failed", state.request.request_id, exc_info=error)
-            error = AdapterRuntimeError(f"internal error: {type(error).__name__}: {error}")
+            error = internal_error(state.request.request_id)  # the details go to the log, never to the client
         if self._release(state):
             self._hook(self.hooks.finished, state.request, len(state.request.prompt_ids), len(state.output.generated))
         state.handle._push(Event(error=error))
@@ -542,6 +549,11 @@ class Engine:
             seq.payload._push(Event(error=error))
         for state in list(self._active.values()):
             self._fail(state, error)
+
+
+def internal_error(request_id: str) -> AdapterRuntimeError:
+    """What a client sees of an unexpected exception: no type, no message, no path."""
+    return AdapterRuntimeError(f"internal error while generating (request {request_id}); the server log has the details")
 
 
 def build_engine(

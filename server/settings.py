@@ -40,6 +40,8 @@ class Settings:
     shutdown_grace_s: float = 10.0  # on SIGTERM: running requests get this long to finish
     compile: bool = True  # compile the static decode step at startup (torch.compile); False = eager
     token_budget: int = 512  # tokens per engine step: decode rows + prompt chunks (chunked prefill)
+    max_prompt_chars: int | None = None  # per prompt string, checked before tokenizing; None = 8 x the token limit
+    metrics_key: str | None = None  # a key for /metrics only; with any key configured /metrics needs one
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -65,7 +67,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
 def parse_field(name: str, raw: str):
     if name in ("port", "max_batch", "max_seq_len", "max_queue", "max_upload_bytes", "device_cache_adapters",
                 "device_cache_bytes", "host_cache_bytes", "max_lora_rank", "max_prefix_len", "max_prompt_tokens",
-                "max_tokens_limit", "max_body_bytes", "max_stack_adapters", "max_streams_per_key"):
+                "max_tokens_limit", "max_body_bytes", "max_stack_adapters", "max_streams_per_key", "max_prompt_chars"):
         return int(raw)
     if name == "shutdown_grace_s":
         return float(raw)
