@@ -204,6 +204,8 @@ class AdapterStep:
         """project(h) [M, V] for the rows to score; rows whose setup carries a flex LM head (the
         last adapter that has one) first go through its layers and, if the setup's first
         adapter is invertible, the NICE inverse, and get the head's bias added."""
+        if not self.side:
+            return project(h)
         heads = [(g, head) for g in self.side if g.logit_rows is not None
                  and (head := next((a.head for a in reversed(g.setup) if a.head), None))]
         for g, head in heads:

@@ -59,7 +59,12 @@ class ModelRunner:
         self.scratch_slot = cache.num_slots - 1  # padding rows of a static step write here
         self.buckets = sorted(buckets) or buckets_for(cache.num_slots - 1)
         self.compile = compile
-        self._compiled = torch.compile(model, dynamic=False) if compile else None
+        self._compiled = None
+        if compile:
+            # one code object, one compiled graph per variant (bucket x bank kinds x shapes)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+            self._compiled = torch.compile(model, dynamic=False)
         self._ready: set = set()  # variants of the static step that are compiled
         self._compiling: dict = {}  # variant -> a step's batch of it, waiting for (or in) the compile thread
         self._lock = threading.Lock()
@@ -224,7 +229,7 @@ class ModelRunner:
 
         with torch.inference_mode():
             for size in self.buckets:
-                seqs = [Seq(None, 1, slot=self.scratch_slot, computed=1) for _ in range(size)]
+                seqs = [Seq(None, 1, slot=i, computed=1) for i in range(size)]  # slots 0..size-1, as real steps
                 rows = {id(s): RowState([0], (), _PLAIN, False) for s in seqs}
                 self.execute(StepPlan(decode=seqs), rows, None)
         if wait:

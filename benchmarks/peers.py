@@ -93,6 +93,8 @@ def run(quick: bool = False, vocab: int = SMALL_VOCAB, with_vllm: bool = True, c
     batches = {1: prompts(1, 32, seed=1), 32: prompts(32, 32, seed=32)}
     engine = make_engine(loaded, max_batch=32, compile=compile)
     try:
+        (root / "peft").mkdir()
+        (root / "hub").mkdir()
         _, dirs = make_peft_adapters(hf, root / "peft")
         dirs.update(make_adapterhub_adapters(hf, root / "hub"))
         for name, d in {**dirs, **lora_dirs}.items():

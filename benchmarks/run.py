@@ -10,10 +10,10 @@ import logging
 import time
 import warnings
 
-from . import adapter_overhead, engine_vs_hf, lifecycle, merge_traffic
+from . import adapter_overhead, engine_vs_hf, lifecycle, merge_traffic, peers
 from .common import header
 
-BENCHMARKS = {m.NAME: m for m in (engine_vs_hf, adapter_overhead, lifecycle, merge_traffic)}
+BENCHMARKS = {m.NAME: m for m in (engine_vs_hf, adapter_overhead, lifecycle, merge_traffic, peers)}
 
 
 def main(argv=None) -> None:
