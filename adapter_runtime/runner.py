@@ -61,9 +61,6 @@ class ModelRunner:
         self.compile = compile
         self._compiled = None
         if compile:
-            # one code object, one compiled graph per variant (bucket x bank kinds x shapes)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
             self._compiled = torch.compile(model, dynamic=False)
         self._ready: set = set()  # variants of the static step that are compiled
         self._compiling: dict = {}  # variant -> a step's batch of it, waiting for (or in) the compile thread
@@ -97,7 +94,7 @@ class ModelRunner:
         every = [False] * len(decode) + [r.all_logits for r, _ in chunks]
         done = [10**9] * len(decode) + [c.start for _, c in chunks]
         static = not chunks and self._bucket(len(decode))
-        pad = (self._bucket(len(decode)) - len(decode)) if static else 0
+        pad = (self._bucket(len(decode)) - len(decode)) if static and self.compile else 0  # eager: no padding
         counts = [len(t) for t in tokens] + [1] * pad
         logit_rows, m = [], 0
         for n, e in zip(counts, every + [False] * pad):
@@ -115,7 +112,7 @@ class ModelRunner:
         batch = ForwardBatch.build(
             tokens, positions, slots, starts, self.device, adapters=adapters, all_logits=every + [False] * pad,
             prefix_hidden=prefix_method.hidden_ranges(setups + [()] * pad, self.info.num_layers, self.device),
-            kv_round=64 if static else 1, read_slots=self._read_slots(slots, pad) if pad else None,
+            kv_round=64 if static and self.compile else 1, read_slots=self._read_slots(slots, pad) if pad else None,
             max_kv=self.cache.max_len,
         )
         logits = self._forward(batch, static and adapters.static_safe())
@@ -155,7 +152,10 @@ class ModelRunner:
 
     def _run_compiled(self, batch: ForwardBatch) -> Tensor:
         torch._dynamo.maybe_mark_dynamic(batch.decode_keys, 0)  # the cache length grows: one graph per variant
-        return self._compiled(batch, self.cache)
+        # one code object, one graph per variant (bucket x bank kinds x shapes): more than dynamo's
+        # default limit of 8; its config is per thread, hence the patch on every call
+        with torch._dynamo.config.patch(recompile_limit=256, accumulated_recompile_limit=4096):
+            return self._compiled(batch, self.cache)
 
     def _variant(self, batch: ForwardBatch) -> tuple:
         """What a compiled static step depends on: the bucket, how the cache is read, which bank
