@@ -6,9 +6,11 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from . import errors, routes, routes_adapters, routes_merge
 from .limits import StreamLimiter
@@ -17,13 +19,19 @@ from .middleware import RequestContext
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).with_name("static")  # the dashboard (plain HTML/JS/CSS, no build step)
 
 
 def build_engine(settings: Settings):
     from adapter_runtime.engine import EngineConfig, build_engine
 
     config = EngineConfig(max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, max_queue=settings.max_queue)
-    engine = build_engine(settings.model, settings.dtype, settings.device, config, settings.adapters)
+    adapters = settings.adapters
+    if settings.demo:
+        from .demo import demo_adapters
+
+        adapters = (*demo_adapters(), *adapters)
+    engine = build_engine(settings.model, settings.dtype, settings.device, config, adapters)
     attach_store(engine, settings)
     return engine
 
@@ -67,7 +75,23 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     app.include_router(routes.router)
     app.include_router(routes_adapters.router)
     app.include_router(routes_merge.router)
+    app.mount("/ui", DashboardFiles(directory=STATIC_DIR, html=True), name="ui")
+    app.add_api_route("/", lambda: RedirectResponse("/ui/"), methods=["GET"], include_in_schema=False)
     return app
+
+
+class DashboardFiles(StaticFiles):
+    """The dashboard at /ui. It only talks to this server's own API, so its policy allows
+    scripts, styles and requests from this origin only (no inline code)."""
+
+    POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+              "frame-ancestors 'none'; form-action 'none'")
+
+    async def get_response(self, path: str, scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Content-Security-Policy"] = self.POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
 
 def engine_state(app: FastAPI) -> dict:
