@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
     s.add_argument("--shutdown-grace-s", type=float, dest="shutdown_grace_s",
                    help="on SIGTERM, running requests get this many seconds to finish (default 10)")
+    s.add_argument("--chat-template", dest="chat_template", metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     return p

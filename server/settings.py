@@ -38,6 +38,7 @@ class Settings:
     max_stack_adapters: int = 8  # adapters in one request's `adapters` stack
     max_streams_per_key: int | None = 64  # concurrent engine requests per API key (per client host without keys)
     shutdown_grace_s: float = 10.0  # on SIGTERM: running requests get this long to finish
+    chat_template: str | None = None  # Jinja chat template file for /v1/chat/completions; None = the tokenizer's
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
