@@ -5,11 +5,12 @@ The engine's whole per-step interface is two names:
     state = SamplingState(params, prompt_ids, vocab_size, eos_token_ids, device)  # at admission
     tokens = choose(logits, states)  # each step: logits [B, V] fp32, one state per row
 
-`choose` applies the rows' logits processors in batched tensor ops (min_tokens, logit_bias,
-repetition / frequency / presence penalties, in vLLM's order), picks each row's token
-(greedy, or a draw from the row's own seeded generator, so a seeded request draws the same
-tokens whatever else shares its batch) and updates every state with its token (output-token
-counts on the device, the cumulative log-probability). Everything else here is small pure
+`choose` applies the rows' logits processors in batched tensor ops over [B, V] with per-row
+parameter columns (min_tokens, logit_bias, repetition / frequency / presence penalties, in
+vLLM's order), picks each row's token (greedy, or a draw from the row's own seeded generator,
+so a seeded request draws the same tokens whatever else shares its batch) and updates every
+state with its token (output-token counts and seen-token masks on the device, the cumulative
+log-probability). Everything else here is small pure
 functions the engine uses for log-probabilities, stop strings and detokenization.
 """
 
@@ -50,13 +51,9 @@ class SamplingParams:
         return self.temperature == 0.0 or self.top_k == 1
 
     @property
-    def counts_output(self) -> bool:
-        """Whether a penalty needs the counts of the generated tokens."""
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-
-    @property
     def processes_logits(self) -> bool:
-        return self.counts_output or bool(self.logit_bias) or self.min_tokens > 0
+        penalized = self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        return penalized or bool(self.logit_bias) or self.min_tokens > 0
 
     @property
     def max_stop_len(self) -> int:
@@ -129,8 +126,9 @@ class SamplingState:
     """One request's sampling state, made when it is admitted and owned by the engine worker.
 
     `choose` reads it and updates it with each token it picks: the request's generator, how
-    many tokens it has generated, their counts per vocabulary entry (on the device, only when
-    a penalty needs them) and the sum of their log-probabilities under the model."""
+    many tokens it has generated, the sum of their log-probabilities under the model and, on
+    the device and only when a penalty needs them, the counts of the generated tokens and the
+    mask of tokens seen in the prompt or the output."""
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], vocab_size: int,
                  eos_token_ids: Sequence[int], device: torch.device):
@@ -139,14 +137,42 @@ class SamplingState:
         self.generated = 0
         self.cumulative_logprob = 0.0  # sum of log p(token) of the generated tokens (raw model logits)
         self.output_counts: Tensor | None = None  # [V] fp32: occurrences of each token in the output
-        self.prompt_mask: Tensor | None = None  # [V] bool: tokens of the prompt (repetition penalty)
-        if params.counts_output:
+        self.seen: Tensor | None = None  # [V] bool: tokens of the prompt or the output (repetition penalty)
+        if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
             self.output_counts = torch.zeros(vocab_size, device=device)
         if params.repetition_penalty != 1.0:
-            self.prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-            self.prompt_mask[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(list(prompt_ids), dtype=torch.long, device=device)] = True
         ends = () if params.ignore_eos else tuple(eos_token_ids)
         self.end_ids = tuple(dict.fromkeys(ends + params.stop_token_ids))  # what min_tokens holds back
+
+
+class _Stacked:
+    """The per-row device tensors of one step's rows that have them (`attr` of each state),
+    stacked once: [R, V] for the R rows listed in `rows`. `put` writes a token into each and
+    gives every state back its row (a view), so the next step stacks the updated values."""
+
+    def __init__(self, states: Sequence[SamplingState], attr: str, device: torch.device):
+        self.states, self.attr = states, attr
+        self.rows = [b for b, s in enumerate(states) if getattr(s, attr) is not None]
+        self.index = torch.tensor(self.rows, dtype=torch.long, device=device)  # [R]
+        self.values = torch.stack([getattr(states[b], attr) for b in self.rows]) if self.rows else None  # [R, V]
+
+    def param(self, name: str) -> Tensor:
+        """The rows' sampling parameter `name` as a column [R, 1]."""
+        return torch.tensor([[float(getattr(self.states[b].params, name))] for b in self.rows], device=self.index.device)
+
+    def put(self, chosen: Tensor) -> None:
+        """chosen [B]: add one occurrence of each row's token (counts) or mark it (masks)."""
+        if not self.rows:
+            return
+        at = (torch.arange(len(self.rows), device=chosen.device), chosen[self.index])
+        if self.values.dtype == torch.bool:
+            self.values[at] = True
+        else:
+            self.values[at] += 1
+        for i, b in enumerate(self.rows):
+            setattr(self.states[b], self.attr, self.values[i])
 
 
 def _row_entries(rows: Sequence[int], entries: Sequence[Sequence], device: torch.device) -> tuple[Tensor, ...]:
@@ -158,48 +184,48 @@ def _row_entries(rows: Sequence[int], entries: Sequence[Sequence], device: torch
             torch.tensor(values, dtype=torch.float32, device=device))
 
 
-def apply_penalties(logits: Tensor, counts: Tensor, seen: Tensor | None, repetition: Tensor, frequency: Tensor,
-                    presence: Tensor) -> Tensor:
-    """vLLM's penalties on logits [P, V] given output counts [P, V], tokens seen in the prompt or
-    output [P, V] (None: no repetition penalty) and per-row parameters [P, 1].
+def repetition_penalty(logits: Tensor, seen: Tensor, penalty: Tensor) -> Tensor:
+    """vLLM's repetition penalty on logits [R, V], in place, for the tokens seen [R, V] in the
+    prompt or the output, with per-row penalties [R, 1].
 
-    Reference loop, per row b and token v:
-        if seen[b, v]: logit = logit / rep[b] if logit > 0 else logit * rep[b]
-        logit -= frequency[b] * counts[b, v] + presence[b] * (counts[b, v] > 0)
-    """
-    if seen is not None:
-        logits = torch.where(seen, torch.where(logits > 0, logits / repetition, logits * repetition), logits)
-    return logits - frequency * counts - presence * (counts > 0).float()
+    Reference loop: for each row b and token v with seen[b, v]:
+        logit = logit / penalty[b] if logit > 0 else logit * penalty[b]"""
+    factor = torch.where(logits > 0, 1.0 / penalty, penalty)  # [R, V]
+    return logits.mul_(torch.where(seen, factor, 1.0))
 
 
-def process_logits(logits: Tensor, states: Sequence[SamplingState]) -> Tensor:
+def frequency_presence_penalty(logits: Tensor, counts: Tensor, frequency: Tensor, presence: Tensor) -> Tensor:
+    """OpenAI's penalties on logits [R, V], in place, given output-token counts [R, V] and
+    per-row parameters [R, 1].
+
+    Reference loop: logit[b, v] -= frequency[b] * counts[b, v] + presence[b] * (counts[b, v] > 0)"""
+    return logits.sub_(counts * frequency + (counts > 0) * presence)
+
+
+def process_logits(logits: Tensor, states: Sequence[SamplingState], stacked: dict[str, _Stacked] | None = None) -> Tensor:
     """logits [B, V] (fp32, the model's) -> the logits sampling picks from, each row changed
-    only by its own parameters, in vLLM's order: min_tokens, logit_bias, then penalties."""
-    rows = [b for b, s in enumerate(states) if s.params.processes_logits]
-    if not rows:
+    only by its own parameters, in vLLM's order: min_tokens, logit_bias, then the repetition,
+    frequency and presence penalties. `stacked`: the states' tensors, if `choose` has them."""
+    if not any(s.params.processes_logits for s in states):
         return logits
-    out = logits.clone()
     device = logits.device
-    held = [b for b in rows if states[b].generated < states[b].params.min_tokens and states[b].end_ids]
+    stacked = stacked or {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
+    out = logits.clone()
+    held = [b for b, s in enumerate(states) if s.generated < s.params.min_tokens and s.end_ids]
     if held:  # no end token before min_tokens
         r, t, _ = _row_entries(held, [[(t, 0.0) for t in states[b].end_ids] for b in held], device)
         out[r, t] = float("-inf")
-    biased = [b for b in rows if states[b].params.logit_bias]
+    biased = [b for b, s in enumerate(states) if s.params.logit_bias]
     if biased:
         r, t, v = _row_entries(biased, [states[b].params.logit_bias for b in biased], device)
         out.index_put_((r, t), v, accumulate=True)
-    penalized = [b for b in rows if states[b].output_counts is not None]
-    if penalized:
-        idx = torch.tensor(penalized, dtype=torch.long, device=device)
-        counts = torch.stack([states[b].output_counts for b in penalized])  # [P, V]
-        seen = None
-        if any(states[b].prompt_mask is not None for b in penalized):
-            prompt = torch.stack([states[b].prompt_mask if states[b].prompt_mask is not None
-                                  else torch.zeros_like(counts[0], dtype=torch.bool) for b in penalized])
-            seen = prompt | (counts > 0)  # [P, V]
-        param = lambda name: torch.tensor([[getattr(states[b].params, name)] for b in penalized], device=device)  # noqa: E731
-        out[idx] = apply_penalties(out[idx], counts, seen, param("repetition_penalty"), param("frequency_penalty"),
-                                   param("presence_penalty"))
+    seen = stacked["seen"]
+    if seen.rows:
+        out[seen.index] = repetition_penalty(out[seen.index], seen.values, seen.param("repetition_penalty"))
+    counts = stacked["output_counts"]
+    if counts.rows:
+        out[counts.index] = frequency_presence_penalty(out[counts.index], counts.values,
+                                                       counts.param("frequency_penalty"), counts.param("presence_penalty"))
     return out
 
 
@@ -207,20 +233,19 @@ def choose(logits: Tensor, states: Sequence[SamplingState]) -> list[int]:
     """logits [B, V] (fp32, the model's) -> the next token of each row; updates each state.
 
     One argmax for the batch, one draw per sampled row from its own generator, one batched
-    log-softmax for the cumulative log-probabilities, one scatter for the output counts."""
-    processed = process_logits(logits, states)  # [B, V]
+    log-softmax for the cumulative log-probabilities, one stack and one scatter per kind of
+    penalty state."""
+    device = logits.device
+    stacked = {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
+    processed = process_logits(logits, states, stacked)  # [B, V]
     tokens = processed.argmax(-1).tolist()
     for b, s in enumerate(states):
         if not s.params.greedy:
             tokens[b] = sample(processed[b], s.params, s.generator)
-    chosen = torch.tensor(tokens, dtype=torch.long, device=logits.device)  # [B]
+    chosen = torch.tensor(tokens, dtype=torch.long, device=device)  # [B]
     logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0].tolist()  # [B]
-    counted = [b for b, s in enumerate(states) if s.output_counts is not None]
-    if counted:  # one scatter; each state then holds its row (a view) of the updated counts
-        counts = torch.stack([states[b].output_counts for b in counted])  # [P, V]
-        counts[torch.arange(len(counted), device=logits.device), chosen[counted]] += 1
-        for i, b in enumerate(counted):
-            states[b].output_counts = counts[i]
+    for st in stacked.values():
+        st.put(chosen)
     for s, lp in zip(states, logprobs):
         s.generated += 1
         s.cumulative_logprob += lp

@@ -80,7 +80,7 @@ def test_process_logits_equals_a_plain_loop_and_each_row_alone():
 def test_choose_keeps_counts_and_the_cumulative_logprob():
     g = torch.Generator().manual_seed(1)
     params = [SamplingParams(temperature=0.0, frequency_penalty=0.5), SamplingParams(temperature=0.7, seed=3),
-              SamplingParams(temperature=0.0)]
+              SamplingParams(temperature=0.0, repetition_penalty=1.1)]
     states = [SamplingState(p, [1], V, EOS, torch.device("cpu")) for p in params]
     chosen: list[list[int]] = [[], [], []]
     logprob_sums = [0.0, 0.0, 0.0]
@@ -92,7 +92,8 @@ def test_choose_keeps_counts_and_the_cumulative_logprob():
     for b, s in enumerate(states):
         assert s.generated == 6 and abs(s.cumulative_logprob - logprob_sums[b]) < 1e-4
     assert states[0].output_counts.tolist() == [float(chosen[0].count(v)) for v in range(V)]
-    assert states[1].output_counts is None and states[2].output_counts is None
+    assert states[1].output_counts is None and states[2].output_counts is None and states[0].seen is None
+    assert states[2].seen.nonzero().flatten().tolist() == sorted({1, *chosen[2]})
 
 
 def test_check_names_the_field():
