@@ -102,7 +102,7 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 # ---------------------------------------------------------------------- request -> engine
-def check_fields(body: SamplingRequest, endpoint_rules: dict = {}) -> None:
+def check_fields(body: SamplingRequest, endpoint_rules: dict | None = None) -> None:
     """400 for a field this server would not honour (see schemas.REFUSED) and for n/best_of
     combinations it cannot serve."""
     refused = refused_fields(body, endpoint_rules)

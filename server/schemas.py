@@ -43,9 +43,9 @@ REFUSED_COMPLETIONS = {"add_special_tokens": (None, True)}  # completions always
 REFUSED_CHAT = {"echo": (None, False)}
 
 
-def refused_fields(body: BaseModel, extra_rules: dict[str, tuple[Any, ...]] = {}) -> list[str]:
+def refused_fields(body: BaseModel, extra_rules: dict[str, tuple[Any, ...]] | None = None) -> list[str]:
     """Names of the unknown fields of `body` that would change the output if honoured."""
-    rules = {**REFUSED, **extra_rules}
+    rules = {**REFUSED, **(extra_rules or {})}
     return [k for k, v in (body.model_extra or {}).items() if k in rules and v not in rules[k]]
 
 

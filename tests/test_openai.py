@@ -275,7 +275,7 @@ def test_chat_template_flag_and_a_model_without_template(tmp_path):
     assert r.status_code == 400 and "--chat-template" in r.json()["error"]["message"]
     template = tmp_path / "template.jinja"
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}>>")
-    r = post(Settings(chat_template=str(template)), "/tokenize", {"messages": MESSAGES})
-    assert r.json()["tokens"] == plain("[system] Be brief.\n[user] Hello there\n>>")["input_ids"]
+    rendered = plain("[system] Be brief.\n[user] Hello there\n>>")["input_ids"]
+    assert post(Settings(chat_template=str(template)), "/tokenize", {"messages": MESSAGES}).json()["tokens"] == rendered
     r = post(Settings(chat_template=str(template)), "/v1/chat/completions", body)
-    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == r.json()["usage"]["prompt_tokens"] > 0
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(rendered)
