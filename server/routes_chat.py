@@ -17,7 +17,7 @@ from adapter_runtime.errors import InvalidRequest, ModelLoadError
 from adapter_runtime.tokenizer import render_chat
 
 from . import auth, limits
-from .routes import (best_choices, check_fields, choices_per_prompt, finish, get_engine, include_usage,
+from .routes import (best_choices, check_fields, choices_per_prompt, finish, get_engine, include_usage, json_logprob,
                      sampling_params, sse, submit_choices, usage_of, wait_all)
 from .schemas import (REFUSED_CHAT, ChatChoice, ChatCompletionRequest, ChatLogprobs, ChatMessage, ChatMessageOut,
                       ChatCompletionResponse, ChatTemplateFields, ChatTokenLogprob, TopLogprob)
@@ -68,11 +68,13 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict]:
 
 async def chat_prompt_ids(request: Request, engine: Engine, body: ChatTemplateFields,
                           add_special_tokens: bool) -> list[int]:
-    """The prompt token ids of chat messages (rendered off the event loop)."""
+    """The prompt token ids of chat messages, refused by size before rendering (the messages'
+    text counts against the prompt character limit), rendered off the event loop."""
     template = chat_template(request)
-    return await asyncio.to_thread(render_chat, engine.tokenizer, template_messages(body.messages), template,
-                                   body.add_generation_prompt, body.continue_final_message, add_special_tokens,
-                                   body.chat_template_kwargs)
+    messages = template_messages(body.messages)
+    limits.check_texts(request.app.state.settings, engine.max_seq_len, ["".join(m["content"] for m in messages)])
+    return await asyncio.to_thread(render_chat, engine.tokenizer, messages, template, body.add_generation_prompt,
+                                   body.continue_final_message, add_special_tokens, body.chat_template_kwargs)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(auth.inference)])
@@ -83,7 +85,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     ids = await chat_prompt_ids(request, engine, body, body.add_special_tokens)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    limits.check_request(request.app.state.settings, [ids], max_tokens, body.adapters)
+    limits.check_request(request.app.state.settings, [ids], max_tokens, body.adapters, body.stop_token_ids,
+                         engine.info.vocab_size)
     params = sampling_params(body, max_tokens or 0, (body.top_logprobs or 0) if body.logprobs else None)
     handles = await submit_choices(request, engine, body, [ids], params, open_ended=max_tokens is None)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
@@ -120,10 +123,10 @@ def chat_logprobs(engine: Engine, entries: Sequence[TokenLogprob] | None) -> Cha
 
     def top(token_id: int, logprob: float) -> TopLogprob:
         text = engine.tokenizer.decode([token_id])
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+        return TopLogprob(token=text, logprob=json_logprob(logprob), bytes=list(text.encode()))
 
     return ChatLogprobs(content=[
-        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=list(e.token.encode()),
-                         top_logprobs=[top(t, v) for t, v in e.top_ids])
-        for e in entries or () if e.logprob is not None
+        ChatTokenLogprob(token=e.token, logprob=json_logprob(e.logprob), bytes=list(e.token.encode()),
+                         top_logprobs=[top(t, v) for t, v in e.top_ids if json_logprob(v) is not None])
+        for e in entries or () if e.logprob is not None and json_logprob(e.logprob) is not None
     ])

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 
 from adapter_runtime.errors import InvalidRequest
 
-from . import auth
+from . import auth, limits
 from .routes import get_engine, model_card
 from .routes_chat import chat_prompt_ids
 from .schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse, refused_fields
@@ -38,6 +38,7 @@ async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
         raise InvalidRequest("send exactly one of prompt or messages", param="prompt")
     if body.prompt is not None:
         special = True if body.add_special_tokens is None else body.add_special_tokens
+        limits.check_texts(request.app.state.settings, engine.max_seq_len, [body.prompt])  # before tokenizing
         ids = await asyncio.to_thread(lambda: list(engine.tokenizer(body.prompt, add_special_tokens=special)["input_ids"]))
     else:
         ids = await chat_prompt_ids(request, engine, body, bool(body.add_special_tokens))

@@ -56,7 +56,7 @@ class StreamOptions(BaseModel):
 class SamplingRequest(BaseModel):
     """The fields completions and chat completions share."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # Python's json reads NaN and Infinity
 
     model: str
     temperature: float = Field(1.0, ge=0.0)
@@ -91,7 +91,7 @@ class CompletionRequest(SamplingRequest):
 class ChatMessage(BaseModel):
     """One message; extra keys (name, tool_call_id, ...) go to the chat template as they are."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     role: str
     content: str | list[dict[str, Any]] | None = None
@@ -100,7 +100,7 @@ class ChatMessage(BaseModel):
 class ChatTemplateFields(BaseModel):
     """How messages become a prompt (vLLM's extensions of the chat request)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     add_generation_prompt: bool = True
