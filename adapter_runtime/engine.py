@@ -76,6 +76,8 @@ class TokenLogprob:
     logprob: float | None  # None for the first prompt token (nothing predicts it)
     top: dict[str, float] | None
     offset: int  # character offset of the token in the returned text
+    token_id: int = -1
+    top_ids: tuple[tuple[int, float], ...] = ()  # the n most likely (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: AdapterRuntimeError | None = None
+    cumulative_logprob: float = 0.0  # last event: sum of the generated tokens' log-probabilities
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None
+    cumulative_logprob: float = 0.0  # what best_of ranks by
 
 
 def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
@@ -114,6 +118,7 @@ def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         logprobs=tuple(lp for e in events for lp in e.logprobs) if with_logprobs else None,
+        cumulative_logprob=last.cumulative_logprob,
     )
 
 
@@ -186,7 +191,7 @@ class _Running:
     handle: RequestHandle
     slot: int
     layout: layout.RowLayout
-    generator: torch.Generator
+    sampler: sampling.SamplingState
     detok: sampling.Detokenizer
     cached: int = 0  # tokens (virtual + prompt + generated) written to the cache
     last: int = 0  # the newest generated token, not yet in the cache
@@ -327,7 +332,7 @@ class Engine:
 
     def validate(self, request: Request) -> None:
         p = request.params
-        sampling.check(p)
+        sampling.check(p, self.info.vocab_size)
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.info.vocab_size]
@@ -370,7 +375,7 @@ class Engine:
                     for r in list(self._running):
                         self._fail(r, e)
                     for h in admitted:  # admitted but failed before it ran: still owed an answer
-                        h._push(Event(error=AdapterRuntimeError(f"internal error: {type(e).__name__}: {e}")))
+                        h._push(Event(error=internal_error(h.request.request_id)))
 
     def _step(self, admitted: list[RequestHandle]) -> None:
         for r in [r for r in self._running if r.handle.cancelled]:
@@ -407,7 +412,9 @@ class Engine:
         for handle in handles:
             req, p = handle.request, handle.request.params
             lay = layout.row_layout(req.setup)
-            r = _Running(handle, heapq.heappop(self._free), lay, sampling.make_generator(p.seed, self.device),
+            r = _Running(handle, heapq.heappop(self._free), lay,
+                         sampling.SamplingState(p, req.prompt_ids, self.info.vocab_size, self.loaded.eos_token_ids,
+                                                self.device),
                          sampling.Detokenizer(self.tokenizer, () if p.echo else req.prompt_ids))
             self._running.append(r)
             try:
@@ -445,7 +452,7 @@ class Engine:
                 if p.max_tokens == 0:
                     self._finish(r, "length")
                     continue
-                self._accept(r, sampling.next_tokens(row[-1:], [p], [r.generator])[0], row[-1])
+                self._accept(r, sampling.choose(row[-1:], [r.sampler])[0], row[-1])
             except Exception as e:
                 self._fail(r, e)
 
@@ -472,7 +479,7 @@ class Engine:
         logits = self.model(batch, self.cache)[:, -1].float()  # [B, V]
         for r in rows:
             r.cached += 1
-        tokens = sampling.next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens = sampling.choose(logits, [r.sampler for r in rows])
         for b, (r, token) in enumerate(zip(rows, tokens)):
             try:
                 self._accept(r, token, logits[b])
@@ -496,7 +503,12 @@ class Engine:
         def do() -> str:
             if self._merge is not None:
                 raise AdapterConflict(f"adapter {self.merged_name!r} is merged; reset it before merging {name!r}")
-            self._merge = merge_ops.merge(self.model, adapter)
+            self.registry.mark_merged(name, adapter)  # 404 if `name` was deleted or replaced meanwhile
+            try:
+                self._merge = merge_ops.merge(self.model, adapter)
+            except BaseException:
+                self.registry.clear_merged()
+                raise
             log.info("merged adapter %r into the base weights", name)
             return name
 
@@ -512,13 +524,16 @@ class Engine:
             name = self.merged_name
             merge_ops.reset(self.model, self._merge)
             self._merge = None
+            self.registry.clear_merged()
             log.info("reset: adapter %r unmerged, base weights restored", name)
             return name
 
         return self._between_steps(do, timeout)
 
     def _between_steps(self, fn, timeout: float | None):
-        """Run `fn` on the worker thread between two steps (or here if no worker runs)."""
+        """Run `fn` on the worker thread between two steps (or here if no worker runs). If it
+        has not started within `timeout`, it is cancelled (never applied later) and this
+        raises EngineUnavailable; if it started meanwhile, its real outcome is returned."""
         if self._thread is None or threading.current_thread() is self._thread:
             with torch.inference_mode():
                 return fn()
@@ -528,12 +543,20 @@ class Engine:
                 raise EngineUnavailable("the server is shutting down")
             self._commands.append((fn, future))
             self._cond.notify_all()
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise EngineUnavailable(f"the engine did not reach a step boundary within {timeout:g} s; "
+                                        "the command was cancelled and nothing changed") from None
+            return future.result()  # it is running now: answer with what really happened
 
     def _run_commands(self) -> None:
         with self._cond:
             commands, self._commands = list(self._commands), deque()
         for fn, future in commands:
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up waiting: never apply it late
             try:
                 future.set_result(fn())
             except Exception as e:
@@ -555,7 +578,7 @@ class Engine:
         for t, v in top:  # most likely first: tokens that decode alike keep the highest logprob
             alternatives.setdefault(self._token_str(t), v)
         alternatives.setdefault(self._token_str(token), lp)  # the chosen token, as OpenAI lists it
-        return TokenLogprob(self._token_str(token), lp, alternatives, offset)
+        return TokenLogprob(self._token_str(token), lp, alternatives, offset, token, tuple(top))
 
     def _emit_prompt(self, r: _Running, logits: Tensor | None) -> None:
         """Echo: the prompt's text and, with logits [P, V], each prompt token's logprob
@@ -565,7 +588,7 @@ class Engine:
         for i, token in enumerate(r.request.prompt_ids):
             if logits is not None:
                 if i == 0:
-                    entries.append(TokenLogprob(self._token_str(token), None, None, len(text)))
+                    entries.append(TokenLogprob(self._token_str(token), None, None, len(text), token))
                 else:
                     entries.append(self._logprob(logits[i - 1], token, n, len(text)))
             text += r.detok.push(token)
@@ -593,7 +616,8 @@ class Engine:
                 finish = "length"
         if finish:
             r.text += r.detok.flush()  # an unfinished character at the very end becomes U+FFFD
-        if p.stop and (cut := sampling.find_stop(r.text, p.stop, start)) is not None:
+        stops = p.stop if len(r.generated) >= p.min_tokens else ()  # vLLM: no stop string before min_tokens
+        if stops and (cut := sampling.find_stop(r.text, stops, start)) is not None:
             r.text, finish = r.text[:cut], "stop"
         # hold back a tail that could still become a stop string
         safe = len(r.text) if finish or not p.stop else max(len(r.text) - p.max_stop_len + 1, r.emitted)
@@ -621,12 +645,12 @@ class Engine:
         self._release(r)
         self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
         r.handle._push(replace(last, finish_reason=reason, prompt_tokens=len(r.request.prompt_ids),
-                               completion_tokens=len(r.generated)))
+                               completion_tokens=len(r.generated), cumulative_logprob=r.sampler.cumulative_logprob))
 
     def _fail(self, r: _Running, error: Exception) -> None:
         if not isinstance(error, AdapterRuntimeError):
             log.exception("request %s failed", r.request.request_id, exc_info=error)
-            error = AdapterRuntimeError(f"internal error: {type(error).__name__}: {error}")
+            error = internal_error(r.request.request_id)  # the details go to the log, never to the client
         if r in self._running:
             self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
         self._release(r)
@@ -637,11 +661,17 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
             commands, self._commands = list(self._commands), deque()
         for _, future in commands:
-            future.set_exception(error)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
         for h in waiting:
             h._push(Event(error=error))
         for r in list(self._running):
             self._fail(r, error)
+
+
+def internal_error(request_id: str) -> AdapterRuntimeError:
+    """What a client sees of an unexpected exception: no type, no message, no path."""
+    return AdapterRuntimeError(f"internal error while generating (request {request_id}); the server log has the details")
 
 
 def build_engine(

@@ -6,7 +6,11 @@ class AdapterRuntimeError(Exception):
 
 
 class InvalidRequest(AdapterRuntimeError):
-    """The request itself is malformed or out of bounds (400)."""
+    """The request itself is malformed or out of bounds (400); `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class AdapterNotFound(AdapterRuntimeError):
@@ -51,3 +55,10 @@ class Unauthorized(AdapterRuntimeError):
 
 class Forbidden(AdapterRuntimeError):
     """A valid key without the right to do this, or a disabled operation (403)."""
+
+
+def brief(value, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters, for messages that echo client input
+    (a 1 MB model name must not come back in the error)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

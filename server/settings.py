@@ -38,6 +38,9 @@ class Settings:
     max_stack_adapters: int = 8  # adapters in one request's `adapters` stack
     max_streams_per_key: int | None = 64  # concurrent engine requests per API key (per client host without keys)
     shutdown_grace_s: float = 10.0  # on SIGTERM: running requests get this long to finish
+    max_prompt_chars: int | None = None  # per prompt string, checked before tokenizing; None = 8 x the token limit
+    metrics_key: str | None = None  # a key for /metrics only; with any key configured /metrics needs one
+    chat_template: str | None = None  # Jinja chat template file for /v1/chat/completions; None = the tokenizer's
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -63,7 +66,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
 def parse_field(name: str, raw: str):
     if name in ("port", "max_batch", "max_seq_len", "max_queue", "max_upload_bytes", "device_cache_adapters",
                 "device_cache_bytes", "host_cache_bytes", "max_lora_rank", "max_prefix_len", "max_prompt_tokens",
-                "max_tokens_limit", "max_body_bytes", "max_stack_adapters", "max_streams_per_key"):
+                "max_tokens_limit", "max_body_bytes", "max_stack_adapters", "max_streams_per_key", "max_prompt_chars"):
         return int(raw)
     if name == "shutdown_grace_s":
         return float(raw)
