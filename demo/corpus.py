@@ -19,15 +19,14 @@ SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packa
 MIN_CHARS = 40
 
 
-def stdlib_docstrings(modules: tuple[str, ...] = ()) -> list[str]:
-    """Every module, class and function docstring of the standard library, once, in file order
-    (with `modules`, only those below these top-level names, e.g. ("email", "smtplib.py"))."""
+def stdlib_docstrings() -> list[str]:
+    """Every module, class and function docstring of the standard library, once, in file order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     seen: set[str] = set()
     docs: list[str] = []
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root).parts
-        if SKIP_DIRS & set(parts) or (modules and parts[0] not in modules):
+        if SKIP_DIRS & set(parts):
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+    s.add_argument("--demo", action="store_true", default=None,
+                   help="register the demo adapters (one per method) trained for the embedded model")
     return p
 
 
@@ -49,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides.get("adapters"):
         overrides["adapters"] = tuple(overrides["adapters"])
     settings = Settings.from_env(**overrides)
+    if settings.demo and settings.model:
+        parser().error("--demo registers adapters made for the embedded model; it cannot be combined with --model")
     from .middleware import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)

@@ -41,6 +41,7 @@ class Settings:
     max_prompt_chars: int | None = None  # per prompt string, checked before tokenizing; None = 8 x the token limit
     metrics_key: str | None = None  # a key for /metrics only; with any key configured /metrics needs one
     chat_template: str | None = None  # Jinja chat template file for /v1/chat/completions; None = the tokenizer's
+    demo: bool = False  # also register the demo adapters of the embedded model (server/demo_adapters/)
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -70,6 +71,8 @@ def parse_field(name: str, raw: str):
         return int(raw)
     if name == "shutdown_grace_s":
         return float(raw)
+    if name == "demo":
+        return raw.strip().lower() in ("1", "true", "yes", "on")
     if name == "adapters":
         return tuple(parse_adapter_spec(s) for s in raw.split(",") if s.strip())
     return raw

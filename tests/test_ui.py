@@ -108,7 +108,7 @@ def test_page_asks_for_the_key_then_loads_without_console_errors(browser, demo_s
         assert page.page.evaluate("localStorage.length") == 0
         page.console.clear()
         page.page.reload()
-        page.row("prompt-email").wait_for()
+        page.row("prompt-title").wait_for()
         page.page.wait_for_timeout(2500)  # a polling round after the reload
         assert page.errors() == []
         assert page.page.locator("#adapter-rows tr").count() == 8
@@ -148,6 +148,7 @@ def test_playground_streams_base_and_two_adapters(dashboard, demo_server):
     page = dashboard.page
     page.fill("#prompt", "Return the")
     page.fill("#max-tokens", "40")
+    assert (page.input_value("#temperature"), page.input_value("#seed")) == ("0.6", "1")  # the defaults
     page.fill("#pick-1", "lora-shout")
     page.fill("#pick-2", "madx-abjad+madx-snake")
     page.click("#run")
@@ -157,7 +158,8 @@ def test_playground_streams_base_and_two_adapters(dashboard, demo_server):
     chunks = [int(page.get_attribute(f"#out-{i}", "data-chunks")) for i in range(3)]
     assert all(n > 1 for n in chunks), chunks  # each column drew several stream events
     direct = httpx.post(f"{demo_server.url}/v1/completions", headers={"Authorization": f"Bearer {ADMIN_KEY}"},
-                        json={"model": "tiny-llama-embedded", "prompt": "Return the", "max_tokens": 40, "temperature": 0},
+                        json={"model": "tiny-llama-embedded", "prompt": "Return the", "max_tokens": 40, "temperature": 0.6,
+                              "seed": 1},
                         timeout=60).json()["choices"][0]["text"]
     assert texts[0] == direct
     letters = [c for c in texts[1] if c.isalpha()]
@@ -175,7 +177,7 @@ def test_merge_and_reset_buttons_change_the_state(dashboard, demo_server):
         dashboard.row("lora-shout").locator("td.merged", has_text="yes").wait_for()
         assert httpx.get(f"{demo_server.url}/v1/merge", headers=headers).json() == {"merged": "lora-shout"}
 
-        dashboard.row("prefix-async").get_by_role("button", name="Merge").click()  # cannot merge: 409, shown
+        dashboard.row("prefix-snake").get_by_role("button", name="Merge").click()  # cannot merge: 409, shown
         page.locator("#message.error").wait_for()
         assert "lora-shout" in page.inner_text("#merged-state")
 

@@ -286,6 +286,7 @@ function requestFor(spec, prompt) {
     temperature: Number($("temperature").value) || 0,
     stream: true,
   };
+  if ($("seed").value !== "") body.seed = Number($("seed").value);
   if (names.length > 1) body.adapters = names;
   return body;
 }
