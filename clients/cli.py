@@ -147,16 +147,17 @@ class UploadProgress:
     def __call__(self, sent: int, total: int) -> None:
         self.sent, self.total = sent, total
         if self.live is not None:
+            if not self.live.live.is_started:  # drawn from the first byte on: nothing if the upload never starts
+                self.live.start()
             self.live.update(self.task, completed=sent, total=total)
 
     def __enter__(self) -> "UploadProgress":
-        if self.live is not None:
-            self.live.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self.live is not None:
-            self.live.stop()
+            if self.live.live.is_started:
+                self.live.stop()
         elif exc_type is None:
             seconds = time.monotonic() - self.started
             self.console.print(f"uploaded {self.name}: {human_bytes(self.sent)} in {seconds:.1f} s", highlight=False,
