@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -39,13 +40,23 @@ LONG = 1500  # tokens of that stream
 
 
 class Cluster:
+    """The server process starts in the background (Ray takes a while); `ready` waits for it."""
+
     def __init__(self, tmp: Path, root: Path):
         ckpt = save_checkpoint(hf_model("llama", max_position_embeddings=4096), tmp / "tiny-llama")
         self.store = tmp / "store"
         self.flags = dict(model=str(ckpt), store_dir=str(self.store), adapter_root=str(root), max_seq_len=MAX_SEQ_LEN,
                           max_batch=4, device_cache_adapters=4, api_key=INFER, admin_key=ADMIN, replicas=2)
         args = [f"--{k.replace('_', '-')}={v}" for k, v in self.flags.items()]
-        self.server = ServerProcess(*args, log_path=tmp / "cluster.log", timeout=300, log_level="info")
+        self.started: list = []
+        self.starting = threading.Thread(target=lambda: self.started.append(
+            ServerProcess(*args, log_path=tmp / "cluster.log", timeout=300, log_level="info")))
+        self.starting.start()
+
+    def ready(self) -> None:
+        self.starting.join()
+        assert self.started, "the cluster did not start (see the log above)"
+        self.server = self.started[0]
         self.url = self.server.url
         self.admin = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120)
         self.user = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {INFER}"}, timeout=120)
@@ -110,10 +121,28 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory, oracle):  # noqa: F811
-    c = Cluster(tmp_path_factory.mktemp("cluster"), oracle[0])
+def cluster(tmp_path_factory, request):
+    """Starts before the oracle adapters are made (both take a while), then serves them: the
+    adapter root holds copies (registration refuses paths that resolve outside the root)."""
+    root = tmp_path_factory.mktemp("adapter-root")
+    c = Cluster(tmp_path_factory.mktemp("cluster"), root)
+    try:
+        made = request.getfixturevalue("oracle")[0]
+    finally:
+        c.ready()
+    for entry in made.iterdir():
+        shutil.copytree(entry, root / entry.name)
     yield c
     c.stop()
+
+
+@pytest.fixture(scope="module")
+def eight(cluster) -> list[str]:
+    """Eight LoRAs registered from the oracle's sets: aff{i} behaves like set{i}."""
+    names = [f"aff{i}" for i in range(LORA_SETS)]
+    for i, name in enumerate(names):
+        assert cluster.admin.post("/v1/adapters/register", json={"name": name, "path": f"set{i}"}).status_code == 201
+    return names
 
 
 def test_the_lifecycle_scenario_answers_through_the_cluster_like_the_libraries(cluster, oracle):  # noqa: F811
@@ -181,49 +210,7 @@ def test_a_delete_is_seen_by_every_replica_at_once(cluster, oracle):  # noqa: F8
     assert cluster.complete("doomed").status_code == 404
 
 
-def hit_rate(cluster, names: list[str], rounds: int) -> float:
-    """Device-cache hit rate of `rounds` round-robin passes over `names` (after one warm-up pass)."""
-    for name in names:
-        assert cluster.complete(name, max_tokens=1).status_code == 200
-    before = cluster.each_replica("snapshot")
-    for _ in range(rounds):
-        for name in names:
-            assert cluster.complete(name, max_tokens=1).status_code == 200
-    after = {s.replica: s for s in cluster.each_replica("snapshot")}
-    hits = sum(after[s.replica].device_hits - s.device_hits for s in before)
-    misses = sum(after[s.replica].device_misses - s.device_misses for s in before)
-    assert hits + misses == rounds * len(names)
-    return hits / (hits + misses)
-
-
-def redeploy(cluster, routing: str) -> None:
-    """The same application with another request router (new replicas: cold caches)."""
-    from ray import serve
-
-    from server import cluster as scale
-    from server.settings import Settings
-
-    old = {s.replica for s in cluster.each_replica("snapshot")}
-    settings = Settings.from_env({}, **cluster.flags, routing=routing)
-    serve.run(scale.build(settings), name=APP, route_prefix="/")
-    cluster.wait(lambda h: len(h["replicas"]) == 2 and not old & {r["replica"] for r in h["replicas"]}, "new replicas")
-
-
-def test_affinity_routing_doubles_the_device_cache_hit_rate_of_random_routing(cluster, oracle):  # noqa: F811
-    names = [f"aff{i}" for i in range(8)]  # 8 adapters, 2 replicas with room for 4 each
-    for i, name in enumerate(names):
-        assert cluster.admin.post("/v1/adapters/register", json={"name": name, "path": f"set{i % LORA_SETS}"}).status_code == 201
-    redeploy(cluster, "affinity")  # cold caches for both measurements
-    affinity = hit_rate(cluster, names, rounds=4)
-    redeploy(cluster, "random")
-    uniform = hit_rate(cluster, names, rounds=4)
-    redeploy(cluster, "affinity")
-    print(f"device-cache hit rate, 8 adapters round-robin, 2 replicas x 4 slots: affinity {affinity:.2f}, "
-          f"random {uniform:.2f}")
-    assert affinity >= 2 * uniform and affinity > 0.9
-
-
-def test_sigkill_of_a_replica_mid_stream(cluster, oracle):  # noqa: F811
+def test_sigkill_of_a_replica_mid_stream(cluster, oracle, eight):  # noqa: F811
     refs = oracle[1]
     name = "kill-me"
     assert cluster.admin.post("/v1/adapters/register", json={"name": name, "path": "set1"}).status_code == 201
@@ -271,7 +258,7 @@ def test_sigkill_of_a_replica_mid_stream(cluster, oracle):  # noqa: F811
     assert served[replacement] > 0
 
 
-def test_the_ingress_restarts_with_the_store_intact(cluster, oracle):  # noqa: F811
+def test_the_ingress_restarts_with_the_store_intact(cluster, oracle, eight):  # noqa: F811
     refs = oracle[1]
     before = sorted(a["id"] for a in cluster.user.get("/v1/adapters").json()["data"])
     pid = cluster.health()["ingress"]["pid"]
@@ -291,6 +278,47 @@ def test_metrics_per_replica(cluster):
     replicas = {r["replica"] for r in cluster.health()["replicas"]}
     ratio = families["adapter_server_replica_device_cache_hit_ratio"]
     assert {s.labels["replica"] for s in ratio.samples} == replicas and all(0 <= s.value <= 1 for s in ratio.samples)
-    hits = families["adapter_server_replica_adapter_cache_hits"]
-    assert {s.labels["replica"] for s in hits.samples} == replicas
+    lookups = families["adapter_server_replica_adapter_cache_hits"].samples + \
+        families["adapter_server_replica_adapter_cache_misses"].samples
+    assert {s.labels["replica"] for s in lookups} == replicas
     assert any(s.value > 0 for s in families["adapter_server_http_requests"].samples)
+
+
+def hit_rate(cluster, names: list[str], rounds: int) -> float:
+    """Device-cache hit rate of `rounds` round-robin passes over `names` (after one warm-up pass)."""
+    for name in names:
+        assert cluster.complete(name, max_tokens=1).status_code == 200
+    before = cluster.each_replica("snapshot")
+    for _ in range(rounds):
+        for name in names:
+            assert cluster.complete(name, max_tokens=1).status_code == 200
+    after = {s.replica: s for s in cluster.each_replica("snapshot")}
+    hits = sum(after[s.replica].device_hits - s.device_hits for s in before)
+    misses = sum(after[s.replica].device_misses - s.device_misses for s in before)
+    assert hits + misses == rounds * len(names)
+    return hits / (hits + misses)
+
+
+def redeploy(cluster, routing: str) -> None:
+    """The same application with another request router (new replicas: cold caches)."""
+    from ray import serve
+
+    from server import cluster as scale
+    from server.settings import Settings
+
+    old = {s.replica for s in cluster.each_replica("snapshot")}
+    settings = Settings.from_env({}, **cluster.flags, routing=routing)
+    serve.run(scale.build(settings), name=APP, route_prefix="/")
+    cluster.wait(lambda h: len(h["replicas"]) == 2 and not old & {r["replica"] for r in h["replicas"]}, "new replicas")
+
+
+def test_affinity_routing_doubles_the_device_cache_hit_rate_of_random_routing(cluster, eight):
+    """8 adapters in round-robin traffic, 2 replicas with room for 4 each (last: it redeploys)."""
+    affinity = hit_rate(cluster, eight, rounds=4)
+    redeploy(cluster, "random")
+    uniform = hit_rate(cluster, eight, rounds=4)
+    print(f"device-cache hit rate, 8 adapters round-robin, 2 replicas x 4 slots: affinity {affinity:.2f}, "
+          f"random {uniform:.2f}")
+    assert affinity >= 2 * uniform and affinity > 0.9
+
+

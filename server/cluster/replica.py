@@ -22,7 +22,7 @@ from adapter_runtime.sampling import SamplingParams
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
-RESERVATION_TTL_S = 30.0  # a reserved setup that no `generate` claims is released after this
+RESERVATION_TTL_S = 10.0  # a reserved setup that no `generate` claims is released after this
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,7 @@ class EngineReplica:
     async def sync(self, merged: str | None, version: int) -> Snapshot:
         """Bring this replica to the cluster's merge state (a replacement replica starts
         unmerged) unless a newer merge or reset got here first; report its state."""
+        self._release_expired()
         if version >= self._merge_version and merged != self.engine.merged_name:
             try:
                 if self.engine.merged_name is not None:

@@ -4,10 +4,12 @@ Every engine call of a request carries its adapter set as the handle's `multiple
 (`routing_key`). The router ranks the replicas for it, and Ray Serve does the rest (probing
 queue lengths, refusing full replicas, backoff, retries when a replica dies):
 
-  1. replicas that hold every adapter of the set on their device, unless busy;
-  2. else the replica that should load the set: the one with the most free device slots,
-     ties broken by rendezvous hashing of the set (so a set keeps a stable home when every
-     device is full, and only the sets of a replica that left move);
+  1. replicas that hold every adapter of the set on their device, unless busy (one after the
+     other, in the set's rendezvous order);
+  2. else the replica that should load the set: the one with the most free device slots, else
+     the one whose device holds the adapter unused the longest (its LRU victim is then the
+     coldest in the cluster: together the devices act like one LRU cache), ties broken by
+     rendezvous hashing of the set (a stable home; only the sets of a replica that left move);
   3. else any replica (Ray takes the least loaded that accepts).
 
 "Busy" is consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018; HAProxy's
@@ -15,8 +17,10 @@ queue lengths, refusing full replicas, backoff, retries when a replica dies):
 is passed over, so a hot adapter spreads to a second replica instead of queueing on one (the
 pinning that multiplexing alone shows, ray-project/ray#48741), while cold ones stay put.
 
-What a replica holds comes from its `record_routing_stats` (the registry's device tier, every
-`request_routing_stats_period_s`) plus what this router sent it since (reports lag).
+What a replica holds: the router keeps a model of each replica's device LRU, fed by its own
+routing decisions (exact while this router sends all the adapter traffic, and never stale);
+a replica it has not routed to yet starts from its own report (`record_routing_stats`: the
+registry's device tier), e.g. after the ingress restarted.
 
 `routing="random"` (the baseline of the benchmarks and tests) gives each request a key of its
 own instead: both of its calls go to one replica drawn uniformly at random.
@@ -30,12 +34,13 @@ import math
 import random
 import time
 import uuid
+from collections import OrderedDict
 from typing import Iterable, List, Optional
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 DEFAULT_BALANCE_FACTOR = 1.25
-DEFAULT_MEMORY_S = 5.0  # how long a set sent to a replica counts as held there without a report
+DEFAULT_CAPACITY = 16  # device slots per replica when its report does not say
 
 
 def routing_key(model: str, adapters: Iterable[str] | None, base_name: str) -> str:
@@ -64,42 +69,53 @@ def rendezvous(key: str, replica: ReplicaID) -> int:
 
 
 class AdapterAffinityRouter(RequestRouter):
-    def initialize_state(self, balance_factor: float = DEFAULT_BALANCE_FACTOR,
-                         memory_s: float = DEFAULT_MEMORY_S, **_) -> None:
+    def initialize_state(self, balance_factor: float = DEFAULT_BALANCE_FACTOR, capacity: int = DEFAULT_CAPACITY,
+                         **_) -> None:
         if balance_factor < 1:
             raise ValueError(f"balance_factor must be >= 1, got {balance_factor}")
         self._balance_factor = balance_factor
-        self._memory_s = memory_s
-        self._sent: dict[ReplicaID, dict[str, float]] = {}  # replica -> adapter name -> when routed there
+        self._capacity = capacity
+        self._devices: dict[ReplicaID, OrderedDict[str, float]] = {}  # adapter -> last routed, oldest first
 
     # ------------------------------------------------------------------ what each replica holds
-    def held(self, replica: RunningReplica) -> set[str]:
-        """The replica's device tier as it last reported it, plus what was routed there since."""
-        now = time.monotonic()
-        sent = self._sent.get(replica.replica_id, {})
-        recent = {name for name, at in sent.items() if now - at < self._memory_s}
-        return set(replica.routing_stats.get("resident", ())) | recent
-
-    def free_slots(self, replica: RunningReplica, held: set[str]) -> int:
+    def capacity(self, replica: RunningReplica) -> int:
         capacity = replica.routing_stats.get("capacity")
-        return max(capacity - len(held), 0) if isinstance(capacity, int) else 0
+        return capacity if isinstance(capacity, int) and capacity > 0 else self._capacity
+
+    def device(self, replica: RunningReplica) -> OrderedDict:
+        """The model of the replica's device LRU (seeded from its report the first time)."""
+        device = self._devices.get(replica.replica_id)
+        if device is None:
+            resident = replica.routing_stats.get("resident", ())
+            device = self._devices[replica.replica_id] = OrderedDict((n, -math.inf) for n in resident)
+        return device
+
+    def placement(self, replica: RunningReplica, key: str) -> tuple:
+        """Where a set held nowhere goes, best first: the replica with the most free device
+        slots, else the one whose least recently used adapter is the oldest (what its LRU gives
+        up is then the coldest in the cluster: the devices act like one LRU cache), then the
+        set's rendezvous order."""
+        device = self.device(replica)
+        oldest = next(iter(device.values()), -math.inf)
+        return -(self.capacity(replica) - len(device)), oldest, -rendezvous(key, replica.replica_id)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        replica = self._replicas.get(replica_id)
         names = key_names(pending_request.metadata.multiplexed_model_id)
-        if names:
-            sent = self._sent.setdefault(replica_id, {})
-            now = time.monotonic()
-            for name in names:
-                sent[name] = now
-            if len(sent) > 4096:  # forget old entries; reports tell the rest
-                for name in [n for n, at in sent.items() if now - at >= self._memory_s]:
-                    del sent[name]
+        if replica is None or not names:
+            return
+        device, now = self.device(replica), time.monotonic()
+        for name in sorted(names):
+            device[name] = now
+            device.move_to_end(name)
+        while len(device) > self.capacity(replica):
+            device.popitem(last=False)
 
     def update_replicas(self, replicas: List[RunningReplica]) -> None:
         super().update_replicas(replicas)
         live = {r.replica_id for r in replicas}
-        for gone in [r for r in self._sent if r not in live]:
-            del self._sent[gone]
+        for gone in [r for r in self._devices if r not in live]:
+            del self._devices[gone]
 
     # ------------------------------------------------------------------ the ranking
     async def choose_replicas(self, candidate_replicas: List[RunningReplica],
@@ -116,11 +132,14 @@ class AdapterAffinityRouter(RequestRouter):
         names = key_names(key)
         load = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) or 0 for r in candidate_replicas}
         bound = math.ceil(self._balance_factor * (sum(load.values()) + 1) / len(candidate_replicas))
-        held = {r.replica_id: self.held(r) for r in candidate_replicas}
-
-        holders = [r for r in candidate_replicas if names <= held[r.replica_id] and load[r.replica_id] < bound]
-        others = [r for r in candidate_replicas if not names <= held[r.replica_id] and load[r.replica_id] < bound]
-        others.sort(key=lambda r: (-self.free_slots(r, held[r.replica_id]), -rendezvous(key, r.replica_id)))
-        ranks = [rank for rank in (holders, others[:1]) if rank]
+        holders, others = [], []
+        for r in candidate_replicas:
+            if load[r.replica_id] < bound:
+                (holders if names <= self.device(r).keys() else others).append(r)
+        # one holder at a time, in the set's rendezvous order: a request's two calls (reserve,
+        # generate) land on the same replica while its load allows
+        ranks = [[r] for r in sorted(holders, key=lambda r: -rendezvous(key, r.replica_id))]
+        if others:
+            ranks.append([min(others, key=lambda r: self.placement(r, key))])
         ranks.append(candidate_replicas)
         return ranks
