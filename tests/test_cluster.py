@@ -322,3 +322,25 @@ def test_affinity_routing_doubles_the_device_cache_hit_rate_of_random_routing(cl
     assert affinity >= 2 * uniform and affinity > 0.9
 
 
+
+
+def test_the_serve_config_file_builds_the_application():
+    """docker/ray-serve.yaml: `serve run` imports app_builder with these args; its deployment
+    names and settings must exist (no Ray instance needed to build the application)."""
+    import yaml
+    from dataclasses import fields
+
+    from ray.serve import Application
+
+    from server import cluster
+    from server.settings import Settings
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "docker" / "ray-serve.yaml").read_text())
+    app = config["applications"][0]
+    module, _, attr = app["import_path"].partition(":")
+    assert (module, attr) == ("server.cluster", "app_builder")
+    assert set(app["args"]) <= {f.name for f in fields(Settings)}
+    assert {d["name"] for d in app["deployments"]} == {"EngineReplica", "Ingress"}
+    for name in app["runtime_env"]["env_vars"]:
+        assert name.startswith("ADAPTER_SERVER_") and name[len("ADAPTER_SERVER_"):].lower() in {f.name for f in fields(Settings)}
+    assert isinstance(cluster.app_builder(app["args"]), Application)
