@@ -344,3 +344,13 @@ def test_the_serve_config_file_builds_the_application():
     for name in app["runtime_env"]["env_vars"]:
         assert name.startswith("ADAPTER_SERVER_") and name[len("ADAPTER_SERVER_"):].lower() in {f.name for f in fields(Settings)}
     assert isinstance(cluster.app_builder(app["args"]), Application)
+
+
+def test_requests_route_by_their_adapter_set():
+    from server.cluster.routing import key_names, random_key, routing_key
+
+    assert routing_key("base", None, "base") == ""  # the base model: no affinity
+    assert routing_key("a", None, "base") == routing_key("base", ["a"], "base")
+    assert routing_key("b", ["b", "a"], "base") == routing_key("base", ["a", "b"], "base")  # a stack: its set
+    assert key_names(routing_key("base", ["x", "y"], "base")) == {"x", "y"}
+    assert key_names(random_key()) == frozenset() and random_key() != random_key()

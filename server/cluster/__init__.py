@@ -51,7 +51,7 @@ def engine_deployment(settings: Settings, gpus: float):
         health_check_period_s=5.0, graceful_shutdown_timeout_s=settings.shutdown_grace_s + 5,
         request_router_config=RequestRouterConfig(
             request_router_class="server.cluster.routing.AdapterAffinityRouter",
-            request_router_kwargs={"capacity": settings.device_cache_adapters},
+            request_router_kwargs={"capacity": settings.device_cache_adapters, "batch": settings.max_batch},
             request_routing_stats_period_s=2.0, request_routing_stats_timeout_s=10.0),
         **options)
 

@@ -12,10 +12,11 @@ queue lengths, refusing full replicas, backoff, retries when a replica dies):
      rendezvous hashing of the set (a stable home; only the sets of a replica that left move);
   3. else any replica (Ray takes the least loaded that accepts).
 
-"Busy" is consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018; HAProxy's
-`hash-balance-factor`): a replica whose ongoing requests reach `balance_factor` x the mean (+1)
-is passed over, so a hot adapter spreads to a second replica instead of queueing on one (the
-pinning that multiplexing alone shows, ray-project/ray#48741), while cold ones stay put.
+"Busy": its engine batch is full (`batch` ongoing calls; below that one more row costs little)
+and its load is over the bound of consistent hashing with bounded loads (Mirrokni, Thorup,
+Zadimoghaddam 2018; HAProxy's `hash-balance-factor`): `balance_factor` x the mean (+1). Such a
+replica is passed over, so a hot adapter spreads to a second replica instead of queueing on one
+(the pinning that multiplexing alone shows, ray-project/ray#48741), while cold ones stay put.
 
 What a replica holds: the router keeps a model of each replica's device LRU, fed by its own
 routing decisions (exact while this router sends all the adapter traffic, and never stale);
@@ -41,6 +42,7 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 
 DEFAULT_BALANCE_FACTOR = 1.25
 DEFAULT_CAPACITY = 16  # device slots per replica when its report does not say
+DEFAULT_BATCH = 32  # a replica's engine batch (max_batch)
 
 
 def routing_key(model: str, adapters: Iterable[str] | None, base_name: str) -> str:
@@ -70,11 +72,12 @@ def rendezvous(key: str, replica: ReplicaID) -> int:
 
 class AdapterAffinityRouter(RequestRouter):
     def initialize_state(self, balance_factor: float = DEFAULT_BALANCE_FACTOR, capacity: int = DEFAULT_CAPACITY,
-                         **_) -> None:
+                         batch: int = DEFAULT_BATCH, **_) -> None:
         if balance_factor < 1:
             raise ValueError(f"balance_factor must be >= 1, got {balance_factor}")
         self._balance_factor = balance_factor
         self._capacity = capacity
+        self._batch = batch
         self._devices: dict[ReplicaID, OrderedDict[str, float]] = {}  # adapter -> last routed, oldest first
 
     # ------------------------------------------------------------------ what each replica holds
@@ -131,7 +134,7 @@ class AdapterAffinityRouter(RequestRouter):
             return [[max(candidate_replicas, key=lambda r: rendezvous(key, r.replica_id))], candidate_replicas]
         names = key_names(key)
         load = {r.replica_id: self.replica_queue_len_cache.get(r.replica_id) or 0 for r in candidate_replicas}
-        bound = math.ceil(self._balance_factor * (sum(load.values()) + 1) / len(candidate_replicas))
+        bound = max(math.ceil(self._balance_factor * (sum(load.values()) + 1) / len(candidate_replicas)), self._batch)
         holders, others = [], []
         for r in candidate_replicas:
             if load[r.replica_id] < bound:
