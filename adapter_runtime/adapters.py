@@ -15,6 +15,7 @@ Sites (see DESIGN.md):
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 from typing import Mapping
 
@@ -163,6 +164,10 @@ class Adapter:
     prefix: Prefix | None = None
     prompt: Prompt | None = None
     head: LMHead | None = None
+    # content identity: the store's hash of the adapter's files, or a fresh id for an object
+    # built in-process. Whatever is keyed per adapter (the merged adapter, device banks) uses
+    # it, never `name`: a name can be deleted and taken by other weights at any time.
+    uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
     def tensors(self) -> list[Tensor]:

@@ -3,21 +3,29 @@
 Every entry name is a relative path inside the adapter directory: no `..`, no absolute path,
 no drive letter, no backslash. Links, devices and other special entries are refused, the
 number of files is bounded, and every byte written is counted against `max_bytes` while it is
-streamed, so a lying header or a zip bomb cannot get past the limit. Nothing here imports torch.
+streamed, so a lying header or a zip bomb cannot get past the limit. Messages name entries by
+their path inside the upload, never by the server's own paths. Nothing here imports torch.
+
+`copy_from_root` is the same discipline for server-side folders (`register`): every file is
+resolved, and one that leads outside the allowed root (a symbolic link) is refused.
 """
 
 from __future__ import annotations
 
+import os
 import stat
 import tarfile
+import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from .errors import InvalidRequest, PayloadTooLarge
+from .errors import Forbidden, InvalidRequest, PayloadTooLarge
 
 MAX_FILES = 64
+MAX_NAME_BYTES = 200  # per path component (file systems allow 255)
+MAX_DEPTH = 16
 CHUNK = 1 << 20
 
 
@@ -33,6 +41,9 @@ def safe_relpath(name: str) -> PurePosixPath:
     parts = [p for p in path.parts if p != "."]
     if not parts:
         raise InvalidRequest(f"empty path {name!r} in the upload")
+    if any(len(p.encode()) > MAX_NAME_BYTES for p in parts) or len(parts) > MAX_DEPTH:
+        raise InvalidRequest(f"path {name[:100]!r} in the upload is too long (names up to {MAX_NAME_BYTES} bytes, "
+                             f"{MAX_DEPTH} folders deep)")
     return PurePosixPath(*parts)
 
 
@@ -55,10 +66,19 @@ class Budget:
 
 
 def copy_counted(src: BinaryIO, dest: Path, budget: Budget, name: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        raise InvalidRequest(f"file {name!r} appears twice in the upload")
-    with open(dest, "wb") as out:
+    shown = repr(name[:100])
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir():
+            raise InvalidRequest(f"file {shown} in the upload is also a folder of other files")
+        if dest.exists():
+            raise InvalidRequest(f"file {shown} appears twice in the upload")
+        out = open(dest, "wb")
+    except (FileExistsError, NotADirectoryError):  # `README` and `README/x` in one upload
+        raise InvalidRequest(f"file {shown} in the upload is below a path that is also a file") from None
+    except OSError as e:  # its message would show the server's path: give only the reason
+        raise InvalidRequest(f"file {shown} in the upload cannot be stored: {e.strerror}") from None
+    with out:
         while chunk := src.read(CHUNK):
             budget.add_bytes(len(chunk), name)
             out.write(chunk)
@@ -81,8 +101,10 @@ def unpack(archive: Path, filename: str, dest: Path, budget: Budget) -> None:
             _unzip(archive, dest, budget)
         else:
             _untar(archive, dest, budget)
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
         raise InvalidRequest(f"archive {filename!r} is corrupt or truncated: {type(e).__name__}: {e}") from None
+    except OSError as e:  # its message would name the server's paths: give only the reason
+        raise InvalidRequest(f"archive {filename!r} is corrupt or truncated: {e.strerror or type(e).__name__}") from None
     lift_single_folder(dest)
 
 
@@ -126,7 +148,32 @@ def lift_single_folder(dest: Path) -> None:
     entries = list(dest.iterdir())
     if len(entries) != 1 or not entries[0].is_dir():
         return
-    moved = entries[0].rename(dest / ".lifted")  # a child may share the folder's name
+    moved = entries[0].rename(dest / f".lift-{uuid.uuid4().hex}")  # a child may share the folder's name
     for child in moved.iterdir():
         child.rename(dest / child.name)
     moved.rmdir()
+
+
+def copy_from_root(directory: Path, root: Path, names: tuple[str, ...], dest: Path, budget: Budget) -> None:
+    """Copy the files `names` of server-side `directory` (below `root`, both resolved) into
+    `dest`. Each one is resolved first and must stay below `root` and be a regular file: a
+    symbolic link to /etc/passwd is refused, not read. Absent names are skipped."""
+    for name in names:
+        path = directory / name
+        if not os.path.lexists(path):
+            continue
+        try:
+            real = path.resolve(strict=True)
+        except (OSError, RuntimeError):  # a dangling or looping link
+            raise InvalidRequest(f"{name} in the registered folder is a broken link") from None
+        if not real.is_relative_to(root):
+            raise Forbidden(f"{name} in the registered folder is a link that leads outside the adapter root")
+        if not real.is_file():
+            raise InvalidRequest(f"{name} in the registered folder is not a regular file")
+        # no link may be swapped in after the check; a FIFO must not block the open
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as src:
+            if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+                raise InvalidRequest(f"{name} in the registered folder is not a regular file")
+            budget.add_file(name)
+            copy_counted(src, dest / name, budget, name)

@@ -275,9 +275,10 @@ def build_adapter_batch(
     effects, and every other row gets the merged delta undone at each merged site."""
     unmerge = None
     if merged is not None:
-        name = merged.adapter.name  # by name: the registry may hand out another copy of it
-        using = [any(a.name == name for a in setup) for setup in setups]
-        setups = [tuple(merged.residue if a.name == name else a for a in setup) for setup in setups]
+        uid = merged.adapter.uid  # by content identity (the registry may hand out another copy of
+        # it), never by name: the name may since belong to other weights
+        using = [any(a.uid == uid for a in setup) for setup in setups]
+        setups = [tuple(merged.residue if a.uid == uid else a for a in setup) for setup in setups]
         other_rows = [row for row, uses in enumerate(using) if not uses]
         if other_rows:
             rows_t = torch.tensor(other_rows, device=device, dtype=torch.long)

@@ -370,7 +370,7 @@ class Engine:
                     for r in list(self._running):
                         self._fail(r, e)
                     for h in admitted:  # admitted but failed before it ran: still owed an answer
-                        h._push(Event(error=AdapterRuntimeError(f"internal error: {type(e).__name__}: {e}")))
+                        h._push(Event(error=internal_error(h.request.request_id)))
 
     def _step(self, admitted: list[RequestHandle]) -> None:
         for r in [r for r in self._running if r.handle.cancelled]:
@@ -496,7 +496,12 @@ class Engine:
         def do() -> str:
             if self._merge is not None:
                 raise AdapterConflict(f"adapter {self.merged_name!r} is merged; reset it before merging {name!r}")
-            self._merge = merge_ops.merge(self.model, adapter)
+            self.registry.mark_merged(name, adapter)  # 404 if `name` was deleted or replaced meanwhile
+            try:
+                self._merge = merge_ops.merge(self.model, adapter)
+            except BaseException:
+                self.registry.clear_merged()
+                raise
             log.info("merged adapter %r into the base weights", name)
             return name
 
@@ -512,13 +517,16 @@ class Engine:
             name = self.merged_name
             merge_ops.reset(self.model, self._merge)
             self._merge = None
+            self.registry.clear_merged()
             log.info("reset: adapter %r unmerged, base weights restored", name)
             return name
 
         return self._between_steps(do, timeout)
 
     def _between_steps(self, fn, timeout: float | None):
-        """Run `fn` on the worker thread between two steps (or here if no worker runs)."""
+        """Run `fn` on the worker thread between two steps (or here if no worker runs). If it
+        has not started within `timeout`, it is cancelled (never applied later) and this
+        raises EngineUnavailable; if it started meanwhile, its real outcome is returned."""
         if self._thread is None or threading.current_thread() is self._thread:
             with torch.inference_mode():
                 return fn()
@@ -528,12 +536,20 @@ class Engine:
                 raise EngineUnavailable("the server is shutting down")
             self._commands.append((fn, future))
             self._cond.notify_all()
-        return future.result(timeout)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            if future.cancel():
+                raise EngineUnavailable(f"the engine did not reach a step boundary within {timeout:g} s; "
+                                        "the command was cancelled and nothing changed") from None
+            return future.result()  # it is running now: answer with what really happened
 
     def _run_commands(self) -> None:
         with self._cond:
             commands, self._commands = list(self._commands), deque()
         for fn, future in commands:
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up waiting: never apply it late
             try:
                 future.set_result(fn())
             except Exception as e:
@@ -626,7 +642,7 @@ class Engine:
     def _fail(self, r: _Running, error: Exception) -> None:
         if not isinstance(error, AdapterRuntimeError):
             log.exception("request %s failed", r.request.request_id, exc_info=error)
-            error = AdapterRuntimeError(f"internal error: {type(error).__name__}: {error}")
+            error = internal_error(r.request.request_id)  # the details go to the log, never to the client
         if r in self._running:
             self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
         self._release(r)
@@ -637,11 +653,17 @@ class Engine:
             waiting, self._waiting = list(self._waiting), deque()
             commands, self._commands = list(self._commands), deque()
         for _, future in commands:
-            future.set_exception(error)
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
         for h in waiting:
             h._push(Event(error=error))
         for r in list(self._running):
             self._fail(r, error)
+
+
+def internal_error(request_id: str) -> AdapterRuntimeError:
+    """What a client sees of an unexpected exception: no type, no message, no path."""
+    return AdapterRuntimeError(f"internal error while generating (request {request_id}); the server log has the details")
 
 
 def build_engine(

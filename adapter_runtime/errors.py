@@ -51,3 +51,10 @@ class Unauthorized(AdapterRuntimeError):
 
 class Forbidden(AdapterRuntimeError):
     """A valid key without the right to do this, or a disabled operation (403)."""
+
+
+def brief(value, limit: int = 80) -> str:
+    """`repr(value)` cut to about `limit` characters, for messages that echo client input
+    (a 1 MB model name must not come back in the error)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

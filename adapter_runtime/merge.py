@@ -48,7 +48,7 @@ def merge(model: nn.Module, adapter: Adapter) -> MergeRecord:
     """Fold `adapter` (already on the model's device/dtype) into the base weights."""
     if (reason := why_not_mergeable(adapter)) is not None:
         raise AdapterConflict(reason)
-    originals = {}
+    originals, inverse, identities = {}, {}, {}
     with torch.no_grad():
         for (layer, module), effect in adapter.linear.items():
             linear = site_linear(model, layer, module)
@@ -57,10 +57,11 @@ def merge(model: nn.Module, adapter: Adapter) -> MergeRecord:
                 linear.bias.detach().to("cpu", copy=True) if linear.bias is not None else None,
             )
             weight, bias = merge_math.merged_weights(effect, linear.weight, linear.bias)
+            inverse[(layer, module)] = merge_math.dense_undo(linear.weight, weight, identities) \
+                if merge_math.is_dora(effect) else merge_math.inverse(effect)
             linear.weight.copy_(weight)
             if bias is not None:
                 linear.bias.copy_(bias)
-    inverse = {site: merge_math.inverse(effect) for site, effect in adapter.linear.items()}
     return MergeRecord(MergedAdapter(adapter, without_linear(adapter), inverse), originals)
 
 

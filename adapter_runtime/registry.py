@@ -16,7 +16,13 @@ Adapters given as objects (`register`, e.g. `--adapter NAME=DIR` at startup) hav
 copy: they stay on the device for good and do not count against the budgets.
 
 DELETE removes the name at once (new requests get 404). Requests already holding the adapter
-keep their reference to its tensors and finish normally; the memory is freed after them.
+keep their reference to its tensors and finish normally; the memory is freed after them. The
+adapter merged into the base weights (`mark_merged`) cannot be deleted: the check and the
+delete are one step under the registry's lock, so a merge racing a delete ends either merged
+(and the delete refused, 409) or deleted (and the merge refused, 404), never both.
+
+Stored adapters made for another base model (`AdapterStore.foreign`) are not served: a request
+naming one gets 422, and its name cannot be taken (409), both naming the two models.
 
 A store shared with other servers (the replicas of a cluster, server/cluster/) sets `shared`:
 then every lookup first checks the adapter's meta.json on disk (one stat while nothing changed)
@@ -40,7 +46,7 @@ import torch
 
 from .adapters import Adapter
 from .batch import Setup
-from .errors import AdapterConflict, AdapterNotFound, InvalidRequest
+from .errors import AdapterConflict, AdapterIncompatible, AdapterNotFound, InvalidRequest, brief
 from .store import AdapterStore, StoredAdapter, check_name
 
 log = logging.getLogger(__name__)
@@ -121,6 +127,8 @@ class AdapterRegistry:
         self._loading: dict[str, Future] = {}  # name -> the load in progress (single flight)
         self._pins: Counter[str] = Counter()
         self._served: Counter[str] = Counter()
+        self._foreign: dict[str, str] = {}  # stored for another base model: name -> why not served
+        self._merged: tuple[str, str] | None = None  # (name, uid) of the adapter merged into the base weights
         self.store: AdapterStore | None = None
         self.limits = limits
         self.observer: CacheObserver | None = None  # e.g. the server's metrics
@@ -138,6 +146,7 @@ class AdapterRegistry:
             self.store, self.limits = store, limits
             self._stored.update(stored)
             self._seen.update(seen)
+            self._foreign.update(store.foreign)
 
     # ------------------------------------------------------------------ adding and removing
     def register(self, name: str, adapter: Adapter) -> Adapter:
@@ -148,9 +157,18 @@ class AdapterRegistry:
             self._static[name] = moved
         return moved
 
+    def check_free(self, name: str) -> None:
+        """Raise what adding `name` now would raise (invalid name, the base model's name, taken)."""
+        check_name(name)
+        self.refresh(name)
+        with self._lock:
+            self._check_free(name)
+
     def _check_free(self, name: str) -> None:  # holding the lock
         if name == self.base_name:
-            raise AdapterConflict(f"adapter name {name!r} is the base model's name")
+            raise AdapterConflict(f"adapter name {name!r} is the base model's name; choose another name")
+        if name in self._foreign:
+            raise AdapterConflict(f"the name {name!r} is taken in the store: {self._foreign[name]}")
         if name in self._static or name in self._stored or name in self._writing:
             raise AdapterConflict(f"an adapter named {name!r} is already registered")
 
@@ -180,6 +198,10 @@ class AdapterRegistry:
         """Forget `name` now; requests that hold it finish with their own reference."""
         self.refresh(name)
         with self._lock:
+            if self._merged is not None and self._merged[0] == name:
+                raise AdapterConflict(f"adapter {name!r} is merged into the base weights; reset before deleting it")
+            if name in self._foreign:
+                raise AdapterConflict(f"{self._foreign[name]}; delete it from a server running that model")
             if name in self._static:
                 del self._static[name]
                 stored = None
@@ -205,10 +227,30 @@ class AdapterRegistry:
         """Everything a request may put in `model`: the base model, then the adapters."""
         return [self.base_name, *self.names()]
 
-    def _not_found(self, name: str) -> AdapterNotFound:  # holding the lock
+    def _not_found(self, name: str) -> AdapterNotFound | AdapterIncompatible:  # holding the lock
+        if name in self._foreign:
+            return AdapterIncompatible(self._foreign[name])
         names = [self.base_name, *sorted([*self._static, *self._stored])]
         shown = ", ".join(names[:20]) + (f", ... ({len(names) - 20} more)" if len(names) > 20 else "")
-        return AdapterNotFound(f"model or adapter {name!r} not found; available: {shown}")
+        return AdapterNotFound(f"model or adapter {brief(name)} not found; available: {shown}")
+
+    # ------------------------------------------------------------------ merge guard
+    def mark_merged(self, name: str, adapter: Adapter) -> None:
+        """Record that `adapter` is being merged as `name`; from now on `delete(name)` is
+        refused. Raises AdapterNotFound if `name` no longer holds this adapter (deleted or
+        replaced since the merge was asked for): then nothing may be merged."""
+        with self._lock:
+            current = self._static.get(name) or self._stored.get(name)
+            if current is None or current.uid != adapter.uid:
+                raise AdapterNotFound(f"adapter {name!r} was deleted or replaced before the merge could run; "
+                                      "nothing was merged")
+            if self._merged is not None:
+                raise AdapterConflict(f"adapter {self._merged[0]!r} is merged; reset it before merging {name!r}")
+            self._merged = (name, adapter.uid)
+
+    def clear_merged(self) -> None:
+        with self._lock:
+            self._merged = None
 
     def get(self, name: str, pin: bool = False) -> Adapter:
         """The adapter on the model's device, loaded from host or disk if needed. Concurrent
@@ -366,25 +408,30 @@ class AdapterRegistry:
         with self._lock:
             if name in self._static or name in self._writing or self._seen.get(name, ()) == signature:
                 return
-            if signature is None and name not in self._stored:
+            if signature is None and name not in self._stored and name not in self._foreign:
                 return  # an unknown name stays unknown (and unrecorded)
-        meta = None
+        meta, foreign = None, None
         if signature is not None:
             try:
                 meta = self.store.read(name)
+                foreign = self.store.foreign_reason(meta)
             except Exception as e:  # unreadable: not served here, as a start would skip it
                 log.warning("stored adapter %r is unreadable: %s", name, e)
         with self._lock:
             self._seen[name] = signature
-            if meta is not None and self._stored.get(name) == meta:
+            if meta is not None and foreign is None and self._stored.get(name) == meta:
                 return
             self._host.pop(name)
             self._device.pop(name)
             self._pins.pop(name, None)
-            if meta is None or meta.name == self.base_name:
+            self._foreign.pop(name, None)
+            if meta is None or foreign is not None or meta.name == self.base_name:
                 self._stored.pop(name, None)
                 self._served.pop(name, None)
-                self._seen.pop(name, None)
+                if foreign is not None:
+                    self._foreign[name] = foreign  # made for another base model: 422, as at a start
+                else:
+                    self._seen.pop(name, None)
             else:
                 self._stored[name] = meta
 

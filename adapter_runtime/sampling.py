@@ -83,7 +83,9 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator) -
     """One token id from logits [V] (fp32)."""
     if params.greedy:
         return int(logits.argmax())
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    # shifted so the largest is 0 before dividing: a tiny temperature (1e-45) gives -inf for the
+    # others, never inf - inf = NaN; the same distribution for any temperature
+    logits = filter_logits((logits - logits.max()) / params.temperature, params.top_k, params.top_p)
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 
 

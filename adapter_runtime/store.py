@@ -2,7 +2,15 @@
 
     <root>/<name>/adapter_config.json       the config as uploaded (re-serialized JSON)
     <root>/<name>/adapter_model.safetensors (PEFT) or adapter.safetensors (AdapterHub)
-    <root>/<name>/meta.json                 {name, format, method, created, sha256, parameters, bytes}
+    <root>/<name>/meta.json                 {name, format, method, created, sha256, parameters, bytes,
+                                             uid, base}
+
+`uid` is the adapter's content identity (a hash over its stored files); `base` the identity of
+the base model it was made for (`BaseIdentity`: architecture + a fingerprint of the config and
+the weights' shapes). A server only serves the adapters made for its own base model: the
+others stay on disk untouched, are not listed, and a request or an upload naming one is
+refused with a message naming both models. (Adapters stored before `base` was recorded are
+served by whichever base model reads them.)
 
 Each folder is still a directory its own library can load: `.bin` weights are rewritten as
 safetensors after the safe read, head files and AdapterHub's per-layer prefix aliases (copies
@@ -22,11 +30,12 @@ import shutil
 import time
 import uuid
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .adapters import Adapter
-from .errors import AdapterConflict, AdapterFormatError, AdapterNotFound, AdapterUnsupported, InvalidRequest
+from .adapters import Adapter, LoRA
+from .errors import (AdapterConflict, AdapterFormatError, AdapterIncompatible, AdapterNotFound, AdapterUnsupported,
+                     InvalidRequest, brief)
 from .formats import detect_format, load_adapter, read_json, read_tensors
 from .formats.adapterhub import HEAD_WEIGHT_FILES, eject_prefix, is_flex_model
 from .models.common import ModelInfo
@@ -40,6 +49,14 @@ WEIGHTS = {
     "adapterhub": (("adapter.safetensors", "pytorch_adapter.bin"), "adapter.safetensors"),
 }
 PREFIX_ALIAS = "prefix_tuning.pool.prefix_tunings."
+# every file an adapter reader may open (registration copies exactly these out of --adapter-root)
+ADAPTER_FILES = ("adapter_config.json", "head_config.json", *(f for accepted, _ in WEIGHTS.values() for f in accepted),
+                 *HEAD_WEIGHT_FILES)
+# config keys that say nothing about the model's shape or math (paths, versions, runtime flags)
+VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "use_cache")
+# methods served as a LoRA whose rank is not the config's `r` (factors multiplied out by
+# formats/as_lora.py; AdaLoRA's rank is init_r or what pruning kept)
+FACTORED_METHODS = ("loha", "lokr", "adalora")
 
 
 @dataclass(frozen=True)
@@ -59,12 +76,45 @@ class StoredAdapter:
     sha256: str  # of the stored weights file
     parameters: int
     bytes: int  # fp32 size of the tensors in memory
+    uid: str = ""  # content identity: a hash over the stored files ("" in old stores: computed at scan)
+    base: dict | None = None  # BaseIdentity of the model it was made for (None in old stores)
+
+
+@dataclass(frozen=True)
+class BaseIdentity:
+    """Which base model a store's adapters were made for."""
+
+    name: str  # what /v1/models calls it (for messages; not compared)
+    architecture: str  # the config's model_type
+    fingerprint: str  # sha256 over the config (minus paths/versions) and every weight's shape
+
+    def describe(self) -> str:
+        return f"{self.name!r} ({self.architecture}, fingerprint {self.fingerprint[:12]})"
+
+    @staticmethod
+    def of(name: str, model) -> "BaseIdentity":
+        """The identity of a loaded base model (an nn.Module with an HF `config`)."""
+        config = {k: v for k, v in model.config.to_dict().items()
+                  if not k.startswith("_") and k not in VOLATILE_CONFIG_KEYS}
+        shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+        blob = json.dumps({"config": config, "shapes": shapes}, sort_keys=True, default=str)
+        return BaseIdentity(name, str(config.get("model_type", "?")), hashlib.sha256(blob.encode()).hexdigest())
 
 
 def check_name(name: str) -> None:
     if not isinstance(name, str) or not NAME.match(name):
-        raise InvalidRequest(f"invalid adapter name {name!r}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
+        raise InvalidRequest(f"invalid adapter name {brief(name)}: use 1-128 characters from A-Z a-z 0-9 . _ -, "
                              "starting with a letter or digit")
+
+
+def content_uid(folder: Path, hashes: dict[str, str] | None = None) -> str:
+    """A hash over every file of a stored adapter but meta.json (config, weights, head): two
+    folders with the same uid give the same outputs. `hashes`: file name -> sha256, if known."""
+    hashes = dict(hashes or {})
+    for f in sorted(folder.iterdir()):
+        if f.name != "meta.json" and f.name not in hashes:
+            hashes[f.name] = sha256_file(f)
+    return hashlib.sha256(json.dumps(sorted(hashes.items())).encode()).hexdigest()
 
 
 def lora_rank(config) -> int:
@@ -84,6 +134,12 @@ def check_limits(adapter: Adapter, limits: StoreLimits) -> None:
     rank = lora_rank(dict(adapter.config))
     if rank > limits.max_lora_rank:
         raise AdapterUnsupported(f"LoRA rank {rank} is over this server's max_lora_rank={limits.max_lora_rank}")
+    if adapter.method in FACTORED_METHODS:  # served as an exact LoRA whose rank is not the config's r
+        served = max((e.A.shape[0] for e in adapter.linear.values() if isinstance(e, LoRA)), default=0)
+        if served > limits.max_lora_rank:
+            raise AdapterUnsupported(
+                f"{adapter.method} adapter is served as an exact LoRA of rank {served} (its factors multiplied out), "
+                f"over this server's max_lora_rank={limits.max_lora_rank}")
     for part in (adapter.prefix, adapter.prompt):
         if part is not None and part.length > limits.max_prefix_len:
             raise AdapterUnsupported(f"prefix/prompt length {part.length} is over this server's "
@@ -138,12 +194,26 @@ def normalize(src: Path, dst: Path, format: str | None, info: ModelInfo) -> str:
 
 
 class AdapterStore:
-    def __init__(self, root: str | Path, info: ModelInfo, limits: StoreLimits = StoreLimits()):
+    def __init__(self, root: str | Path, info: ModelInfo, limits: StoreLimits = StoreLimits(),
+                 base: BaseIdentity | None = None):
+        """`base`: the model this server runs; adapters recorded for another one are not served.
+        None leaves the store unbound (every adapter is served and none records a base)."""
         self.root = Path(root)
         self.info = info
         self.limits = limits
+        self.base = base
         self.skipped: dict[str, str] = {}  # folder name -> why the last `scan` skipped it
+        self.foreign: dict[str, str] = {}  # name -> why it is not served (made for another base model)
         self.root.mkdir(parents=True, exist_ok=True)
+
+    def foreign_reason(self, meta: StoredAdapter) -> str | None:
+        """None if `meta` was made for this store's base model (or either side is unrecorded)."""
+        if self.base is None or not isinstance(meta.base, dict) or meta.base.get("fingerprint") == self.base.fingerprint:
+            return None
+        theirs = BaseIdentity(str(meta.base.get("name")), str(meta.base.get("architecture")),
+                              str(meta.base.get("fingerprint")))
+        return (f"adapter {meta.name!r} was made for base model {theirs.describe()}, but this server runs "
+                f"{self.base.describe()}; it is kept in the store for that model and not served here")
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -151,7 +221,8 @@ class AdapterStore:
     def scan(self) -> list[StoredAdapter]:
         """Every intact stored adapter; leftovers of interrupted writes are deleted, folders
         that cannot be read are logged and skipped."""
-        found, self.skipped = [], {}
+        found, self.skipped, self.foreign = [], {}, {}
+        legacy = 0
         for entry in sorted(self.root.iterdir()):
             if entry.name.startswith((".tmp-", ".trash-")):  # an interrupted write or delete
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
@@ -159,10 +230,22 @@ class AdapterStore:
             if not entry.is_dir():
                 continue
             try:
-                found.append(self._read_meta(entry))
+                meta = self._read_meta(entry)
             except Exception as e:
                 log.error("skipping stored adapter %s: %s", entry, e)
                 self.skipped[entry.name] = str(e)
+                continue
+            if (reason := self.foreign_reason(meta)) is not None:
+                self.foreign[meta.name] = reason
+                continue
+            legacy += meta.base is None and self.base is not None
+            found.append(meta)
+        if self.foreign:
+            log.warning("%d stored adapters were made for another base model and are not served: %s",
+                        len(self.foreign), ", ".join(sorted(self.foreign)[:10]))
+        if legacy:
+            log.warning("%d stored adapters record no base model (stored by an older version); they are served by "
+                        "this base model %s", legacy, self.base.describe())
         return found
 
     def sweep(self) -> None:
@@ -179,7 +262,10 @@ class AdapterStore:
                                      "since registration (sha256 mismatch)")
 
     def _read_meta(self, folder: Path) -> StoredAdapter:
-        meta = StoredAdapter(**read_json(folder / "meta.json"))
+        try:
+            meta = StoredAdapter(**read_json(folder / "meta.json"))
+        except TypeError as e:
+            raise AdapterFormatError(f"meta.json of {folder.name!r} has unexpected fields: {e}") from None
         if meta.name != folder.name or meta.format not in WEIGHTS:
             raise AdapterFormatError(f"meta.json does not describe {folder.name!r}")
         read_json(folder / "adapter_config.json")
@@ -189,6 +275,8 @@ class AdapterStore:
         with safe_open(str(weights), "pt"):  # the header is readable; tensors load lazily later
             pass
         self._check_weights(folder, meta)
+        if not meta.uid:  # stored by an older version
+            meta = replace(meta, uid=content_uid(folder, {weights.name: meta.sha256}))
         return meta
 
     def read(self, name: str) -> StoredAdapter:
@@ -208,8 +296,11 @@ class AdapterStore:
             adapter = load_adapter(tmp, self.info, name, format)
             check_limits(adapter, self.limits)
             weights = tmp / WEIGHTS[format][1]
-            meta = StoredAdapter(name, format, adapter.method, int(time.time()), sha256_file(weights),
-                                 adapter.num_parameters, adapter.nbytes)
+            sha = sha256_file(weights)
+            uid = content_uid(tmp, {weights.name: sha})
+            adapter = replace(adapter, uid=uid)
+            meta = StoredAdapter(name, format, adapter.method, int(time.time()), sha, adapter.num_parameters,
+                                 adapter.nbytes, uid, asdict(self.base) if self.base is not None else None)
             (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
             for f in tmp.iterdir():
                 _fsync_file(f)
@@ -226,7 +317,7 @@ class AdapterStore:
         if not folder.is_dir():
             raise AdapterNotFound(f"adapter {meta.name!r} is not in the store")
         self._check_weights(folder, meta)
-        return load_adapter(folder, self.info, meta.name, meta.format)
+        return replace(load_adapter(folder, self.info, meta.name, meta.format), uid=meta.uid)
 
     def delete(self, name: str) -> None:
         """Rename away first (atomic: the name is gone at once), then remove the files."""

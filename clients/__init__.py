@@ -3,10 +3,10 @@
 
 from .client import (AdapterInfo, AdapterServerClient, AdapterServerError, AsyncAdapterServerClient, AuthError,
                      BadRequest, Choice, Completion, Conflict, ConnectionFailed, Deleted, Health, Logprobs,
-                     MergeState, Model, NotFound, RateLimited, ServerError, Usage, pack_directory)
+                     MergeState, Model, NotFound, RateLimited, ServerError, TooLarge, Usage, pack_directory)
 
 __all__ = [
     "AdapterInfo", "AdapterServerClient", "AdapterServerError", "AsyncAdapterServerClient", "AuthError", "BadRequest",
     "Choice", "Completion", "Conflict", "ConnectionFailed", "Deleted", "Health", "Logprobs", "MergeState", "Model",
-    "NotFound", "RateLimited", "ServerError", "Usage", "pack_directory",
+    "NotFound", "RateLimited", "ServerError", "TooLarge", "Usage", "pack_directory",
 ]

@@ -1,8 +1,8 @@
 """`adapter-client`: drive an adapter-server from the shell (also `python -m clients.cli`).
 
 Tables for people by default, `--json` for scripts. Exit codes (stable, for scripts):
-0 ok, 1 server error (5xx or other), 2 usage or rejected request (400/422), 3 not found,
-4 conflict, 5 authentication, 6 cannot connect.
+0 ok, 1 server error (5xx or other), 2 usage or request refused by the server (400/413/422),
+3 not found, 4 conflict, 5 authentication, 6 cannot connect.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
 
-from .client import (API_KEY_ENV, DEFAULT_URL, URL_ENV, AdapterInfo, AdapterServerClient, AdapterServerError,
+from .client import (ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_URL, URL_ENV, AdapterInfo, AdapterServerClient, AdapterServerError,
                      AuthError, BadRequest, Conflict, ConnectionFailed, NotFound)
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_AUTH, EXIT_CONNECTION = range(7)
@@ -209,7 +209,8 @@ def common_options(subcommand: bool) -> argparse.ArgumentParser:
     that it does not overwrite a value given before the command."""
     common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS if subcommand else None)
     common.add_argument("--url", help=f"server URL (default: ${URL_ENV}, else {DEFAULT_URL})")
-    common.add_argument("--api-key", help=f"API key (default: ${API_KEY_ENV})")
+    common.add_argument("--api-key", help=f"inference key (default: ${API_KEY_ENV})")
+    common.add_argument("--admin-key", help=f"admin key, sent by admin commands (default: ${ADMIN_KEY_ENV})")
     common.add_argument("--timeout", type=float, help="seconds to wait for the server (default 300)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables",
                         **({"default": argparse.SUPPRESS} if subcommand else {}))
@@ -220,8 +221,8 @@ def parser() -> argparse.ArgumentParser:
     common = common_options(subcommand=True)
     p = argparse.ArgumentParser(prog="adapter-client", parents=[common_options(subcommand=False)],
                                 description="Upload, list, merge and run adapters on an adapter-server.",
-                                epilog="exit codes: 0 ok, 1 server error, 2 usage or invalid request, 3 not found, "
-                                       "4 conflict, 5 authentication, 6 cannot connect")
+                                epilog="exit codes: 0 ok, 1 server error, 2 usage or request refused by the server "
+                                       "(400/413/422), 3 not found, 4 conflict, 5 authentication, 6 cannot connect")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Command, help: str) -> argparse.ArgumentParser:
@@ -274,7 +275,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)  # exits 2 on a usage error
     try:
-        with AdapterServerClient(args.url, args.api_key, args.timeout) as client:
+        with AdapterServerClient(args.url, args.api_key, args.timeout, admin_key=args.admin_key) as client:
             return args.func(client, args, sys.stdout)
     except AdapterServerError as e:
         where = f" ({e.status}{', ' + str(e.code) if e.code else ''})" if e.status else ""

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 import zipfile
 from urllib.parse import quote
 from dataclasses import dataclass, field, fields
@@ -22,8 +23,13 @@ from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-URL_ENV = "ADAPTER_SERVER_URL"
-API_KEY_ENV = "ADAPTER_SERVER_API_KEY"
+# the client's own variables: the server reads ADAPTER_SERVER_* as its settings, so sharing one
+# (an admin key exported for the client) would configure a server started in the same shell
+URL_ENV = "ADAPTER_CLIENT_URL"
+API_KEY_ENV = "ADAPTER_CLIENT_API_KEY"
+ADMIN_KEY_ENV = "ADAPTER_CLIENT_ADMIN_KEY"
+OLD_URL_ENV = "ADAPTER_SERVER_URL"  # still read (the server has no such setting)
+OLD_API_KEY_ENV = "ADAPTER_SERVER_API_KEY"  # still read, with a deprecation warning: it is the server's inference key
 DEFAULT_TIMEOUT = httpx.Timeout(300.0, connect=10.0)
 UPLOAD_CHUNK = 256 * 1024
 ARCHIVE_SUFFIXES = (".zip", ".tar.gz", ".tgz")
@@ -61,6 +67,10 @@ class Conflict(AdapterServerError):
     """409: the name is taken, or the adapter cannot be merged in its state."""
 
 
+class TooLarge(BadRequest):
+    """413: the upload (or request body) is over the server's size limit."""
+
+
 class RateLimited(AdapterServerError):
     """429: the server's queue is full; retry later."""
 
@@ -74,7 +84,8 @@ class ConnectionFailed(AdapterServerError):
 
 
 ERROR_BY_STATUS: dict[int, type[AdapterServerError]] = {
-    400: BadRequest, 422: BadRequest, 401: AuthError, 403: AuthError, 404: NotFound, 409: Conflict, 429: RateLimited,
+    400: BadRequest, 422: BadRequest, 413: TooLarge, 401: AuthError, 403: AuthError, 404: NotFound, 409: Conflict,
+    429: RateLimited,
 }
 
 # error bodies inside a stream carry no status; their OpenAI type tells the class
@@ -254,9 +265,10 @@ def adapter_files(directory: Path) -> list[tuple[str, Path]]:
 
 
 def upload_request(client: httpx.Client | httpx.AsyncClient, name: str, path: str | os.PathLike,
-                   format: str | None) -> httpx.Request:
+                   format: str | None, headers: dict | None = None) -> httpx.Request:
     """The multipart upload of an adapter directory (one `files` part per file, named by its
-    relative path) or of one .zip/.tar.gz archive (an `archive` part)."""
+    relative path) or of one .zip/.tar.gz archive (an `archive` part). The name also goes in
+    the query, so that the server refuses a bad or taken name before reading the body."""
     path = Path(path)
     data = {"name": name, **({"format": format} if format else {})}
     if path.is_dir():
@@ -265,9 +277,20 @@ def upload_request(client: httpx.Client | httpx.AsyncClient, name: str, path: st
         parts = [("archive", (path.name, path.read_bytes(), "application/octet-stream"))]
     else:
         raise ValueError(f"{path} is neither an adapter directory nor a .zip/.tar.gz archive")
-    request = client.build_request("POST", "/v1/adapters", data=data, files=parts)
+    request = client.build_request("POST", "/v1/adapters", params={"name": name}, data=data, files=parts,
+                                   headers=headers)
     request.read()  # the multipart body, in memory, so that progress can be counted
     return request
+
+
+def upload_check_body(name: str, request: httpx.Request) -> dict:
+    """The pre-check of an upload (`POST /v1/adapters/check`): its name and size, no body."""
+    return {"name": name, "bytes": len(request.content)}
+
+
+def skip_precheck(error: AdapterServerError) -> bool:
+    """An older server without the check endpoint: upload without the pre-check."""
+    return error.status in (404, 405) and error.code != "model_not_found"
 
 
 def adapter_path(name: str, suffix: str = "") -> str:
@@ -292,7 +315,8 @@ def with_progress(client: httpx.Client | httpx.AsyncClient, request: httpx.Reque
                   progress: Progress | None, asynchronous: bool) -> httpx.Request:
     """The same request, its body sent in chunks that report progress (Content-Length kept)."""
     body = request.content
-    headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "content-length")}
+    headers = {k: v for k, v in request.headers.items()
+               if k.lower() in ("content-type", "content-length", "authorization")}
     content = achunks(body, progress) if asynchronous else chunks(body, progress)
     return client.build_request(request.method, request.url, headers=headers, content=content)
 
@@ -326,11 +350,32 @@ def unpack_zip(content: bytes, dest: str | os.PathLike) -> Path:
 
 
 # ---------------------------------------------------------------------------- the clients
+def env_api_key() -> str | None:
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    if os.environ.get(OLD_API_KEY_ENV):
+        warnings.warn(f"${OLD_API_KEY_ENV} is the server's inference key setting; give the client its key in "
+                      f"${API_KEY_ENV} (or ${ADMIN_KEY_ENV} for the admin key)", DeprecationWarning, stacklevel=4)
+        return os.environ[OLD_API_KEY_ENV]
+    return None
+
+
+def client_keys(api_key: str | None, admin_key: str | None) -> tuple[str | None, str | None]:
+    """(inference key, admin key): the arguments, else $ADAPTER_CLIENT_API_KEY (then the old
+    $ADAPTER_SERVER_API_KEY) and $ADAPTER_CLIENT_ADMIN_KEY."""
+    return (api_key if api_key is not None else env_api_key(),
+            admin_key if admin_key is not None else os.environ.get(ADMIN_KEY_ENV) or None)
+
+
 def client_options(base_url: str | None, api_key: str | None, timeout: float | httpx.Timeout | None) -> dict:
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = (base_url or os.environ.get(URL_ENV) or DEFAULT_URL).rstrip("/")
+    """`api_key` is the key every call sends (admin calls may send the admin key instead)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = (base_url or os.environ.get(URL_ENV) or os.environ.get(OLD_URL_ENV) or DEFAULT_URL).rstrip("/")
     return {"base_url": url, "headers": headers, "timeout": DEFAULT_TIMEOUT if timeout is None else timeout}
+
+
+def admin_headers(admin_key: str | None) -> dict:
+    return {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
 
 
 def base_model(models: Iterable[Model]) -> str:
@@ -341,12 +386,17 @@ def base_model(models: Iterable[Model]) -> str:
 
 
 class AdapterServerClient:
-    """Blocking client. `base_url` defaults to $ADAPTER_SERVER_URL, then http://127.0.0.1:8000;
-    `api_key` to $ADAPTER_SERVER_API_KEY. Use as a context manager, or call `close()`."""
+    """Blocking client. `base_url` defaults to $ADAPTER_CLIENT_URL, then http://127.0.0.1:8000;
+    `api_key` to $ADAPTER_CLIENT_API_KEY and `admin_key` to $ADAPTER_CLIENT_ADMIN_KEY. Admin
+    calls (upload, register, delete, merge, reset) send the admin key when there is one, every
+    other call the inference key (or the admin key if that is the only one). Use as a context
+    manager, or call `close()`."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float | httpx.Timeout | None = None, transport: httpx.BaseTransport | None = None):
-        self.http = httpx.Client(**client_options(base_url, api_key, timeout), transport=transport)
+                 timeout: float | httpx.Timeout | None = None, transport: httpx.BaseTransport | None = None,
+                 admin_key: str | None = None):
+        api_key, self.admin_key = client_keys(api_key, admin_key)
+        self.http = httpx.Client(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
         self._base: str | None = None
 
     @property
@@ -372,8 +422,9 @@ class AdapterServerClient:
             response.close()
         return check(response)
 
-    def _json(self, method: str, path: str, body: dict | None = None) -> Any:
-        return self._send(self.http.build_request(method, path, json=body)).json()
+    def _json(self, method: str, path: str, body: dict | None = None, admin: bool = False) -> Any:
+        headers = admin_headers(self.admin_key) if admin else None
+        return self._send(self.http.build_request(method, path, json=body, headers=headers)).json()
 
     # -- server
     def health(self) -> Health:
@@ -418,13 +469,18 @@ class AdapterServerClient:
         """Upload an adapter directory as saved by AdapterHub `save_adapter` or PEFT
         `save_pretrained` (or a .zip/.tar.gz of one). `format` is "adapterhub" | "peft" | None
         (detected); `progress(sent, total)` is called as the body goes out."""
-        request = with_progress(self.http, upload_request(self.http, name, path, format), progress, False)
-        return parse_adapter(self._send(request).json())
+        request = upload_request(self.http, name, path, format, admin_headers(self.admin_key))
+        try:  # ask first: a body the server would refuse (name taken, too large) is never sent
+            self._json("POST", "/v1/adapters/check", upload_check_body(name, request), admin=True)
+        except AdapterServerError as e:
+            if not skip_precheck(e):
+                raise
+        return parse_adapter(self._send(with_progress(self.http, request, progress, False)).json())
 
     def register_adapter(self, name: str, path: str, format: str | None = None) -> AdapterInfo:
         """Add an adapter from a directory on the *server's* file system."""
         body = {"name": name, "path": path, **({"format": format} if format else {})}
-        return parse_adapter(self._json("POST", "/v1/adapters/register", body))
+        return parse_adapter(self._json("POST", "/v1/adapters/register", body, admin=True))
 
     def list_adapters(self) -> list[AdapterInfo]:
         return parse_adapters(self._json("GET", "/v1/adapters"))
@@ -438,7 +494,7 @@ class AdapterServerClient:
         return unpack_zip(response.content, dest)
 
     def delete_adapter(self, name: str) -> Deleted:
-        return build(Deleted, self._json("DELETE", adapter_path(name)))
+        return build(Deleted, self._json("DELETE", adapter_path(name), admin=True))
 
     # -- merge
     def merged(self) -> MergeState:
@@ -446,19 +502,21 @@ class AdapterServerClient:
 
     def merge(self, adapter: str) -> MergeState:
         """Fold a LoRA-family or (IA)^3 adapter into the base weights (Conflict if it cannot)."""
-        return build(MergeState, self._json("POST", "/v1/merge", {"adapter": adapter}))
+        return build(MergeState, self._json("POST", "/v1/merge", {"adapter": adapter}, admin=True))
 
     def reset(self) -> MergeState:
         """Restore the original base weights."""
-        return build(MergeState, self._json("POST", "/v1/merge/reset"))
+        return build(MergeState, self._json("POST", "/v1/merge/reset", admin=True))
 
 
 class AsyncAdapterServerClient:
     """The same API as `AdapterServerClient`, every call awaitable; `stream` is an async iterator."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float | httpx.Timeout | None = None, transport: httpx.AsyncBaseTransport | None = None):
-        self.http = httpx.AsyncClient(**client_options(base_url, api_key, timeout), transport=transport)
+                 timeout: float | httpx.Timeout | None = None, transport: httpx.AsyncBaseTransport | None = None,
+                 admin_key: str | None = None):
+        api_key, self.admin_key = client_keys(api_key, admin_key)
+        self.http = httpx.AsyncClient(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
         self._base: str | None = None
 
     @property
@@ -484,8 +542,9 @@ class AsyncAdapterServerClient:
             await response.aclose()
         return check(response)
 
-    async def _json(self, method: str, path: str, body: dict | None = None) -> Any:
-        return (await self._send(self.http.build_request(method, path, json=body))).json()
+    async def _json(self, method: str, path: str, body: dict | None = None, admin: bool = False) -> Any:
+        headers = admin_headers(self.admin_key) if admin else None
+        return (await self._send(self.http.build_request(method, path, json=body, headers=headers))).json()
 
     async def health(self) -> Health:
         return parse_health(await self._json("GET", "/health"))
@@ -519,12 +578,17 @@ class AsyncAdapterServerClient:
 
     async def upload_adapter(self, name: str, path: str | os.PathLike, format: str | None = None,
                              progress: Progress | None = None) -> AdapterInfo:
-        request = with_progress(self.http, upload_request(self.http, name, path, format), progress, True)
-        return parse_adapter((await self._send(request)).json())
+        request = upload_request(self.http, name, path, format, admin_headers(self.admin_key))
+        try:
+            await self._json("POST", "/v1/adapters/check", upload_check_body(name, request), admin=True)
+        except AdapterServerError as e:
+            if not skip_precheck(e):
+                raise
+        return parse_adapter((await self._send(with_progress(self.http, request, progress, True))).json())
 
     async def register_adapter(self, name: str, path: str, format: str | None = None) -> AdapterInfo:
         body = {"name": name, "path": path, **({"format": format} if format else {})}
-        return parse_adapter(await self._json("POST", "/v1/adapters/register", body))
+        return parse_adapter(await self._json("POST", "/v1/adapters/register", body, admin=True))
 
     async def list_adapters(self) -> list[AdapterInfo]:
         return parse_adapters(await self._json("GET", "/v1/adapters"))
@@ -537,13 +601,13 @@ class AsyncAdapterServerClient:
         return unpack_zip(response.content, dest)
 
     async def delete_adapter(self, name: str) -> Deleted:
-        return build(Deleted, await self._json("DELETE", adapter_path(name)))
+        return build(Deleted, await self._json("DELETE", adapter_path(name), admin=True))
 
     async def merged(self) -> MergeState:
         return build(MergeState, await self._json("GET", "/v1/merge"))
 
     async def merge(self, adapter: str) -> MergeState:
-        return build(MergeState, await self._json("POST", "/v1/merge", {"adapter": adapter}))
+        return build(MergeState, await self._json("POST", "/v1/merge", {"adapter": adapter}, admin=True))
 
     async def reset(self) -> MergeState:
-        return build(MergeState, await self._json("POST", "/v1/merge/reset"))
+        return build(MergeState, await self._json("POST", "/v1/merge/reset", admin=True))

@@ -7,10 +7,10 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from . import errors, routes, routes_adapters, routes_merge
+from . import auth, errors, routes, routes_adapters, routes_compose, routes_merge
 from .limits import StreamLimiter
 from .metrics import Metrics
 from .middleware import RequestContext
@@ -33,7 +33,10 @@ def attach_store(engine, settings: Settings) -> None:
     from adapter_runtime.registry import CacheLimits
     from adapter_runtime.store import AdapterStore, StoreLimits
 
-    store = AdapterStore(settings.store_dir, engine.info, StoreLimits(settings.max_lora_rank, settings.max_prefix_len))
+    from adapter_runtime.store import BaseIdentity
+
+    store = AdapterStore(settings.store_dir, engine.info, StoreLimits(settings.max_lora_rank, settings.max_prefix_len),
+                         BaseIdentity.of(engine.model_name, engine.model))
     limits = CacheLimits(settings.device_cache_adapters, settings.device_cache_bytes, settings.host_cache_bytes)
     engine.registry.attach(store, limits)
 
@@ -50,6 +53,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
         app.state.created = int(time.time())
         log.info("serving %s (%d adapters) on %s, max_batch %d, max_seq_len %d", eng.model_name,
                  len(eng.registry.names()), eng.device, eng.config.max_batch, eng.max_seq_len)
+        log.info("API keys: %s", auth.describe_keys(settings))
         try:
             yield
         finally:
@@ -63,10 +67,12 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     app.state.limiter = StreamLimiter(settings.max_streams_per_key)
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     errors.install(app)
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=True)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=True,
+                      dependencies=[Depends(auth.metrics)])
     app.include_router(routes.router)
     app.include_router(routes_adapters.router)
     app.include_router(routes_merge.router)
+    app.include_router(routes_compose.router)
     return app
 
 
@@ -80,6 +86,7 @@ def engine_state(app: FastAPI) -> dict:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    """Prometheus text format; open like /health (scrapers rarely hold keys)."""
+    """Prometheus text format. It names adapters, so with keys configured it needs one (the
+    metrics key, made for scrapers, or the inference or admin key); open without keys."""
     metrics: Metrics = request.app.state.metrics
     return Response(metrics.render(), media_type=metrics.content_type)

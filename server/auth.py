@@ -1,8 +1,10 @@
 """API keys: an inference key and an admin key, sent as `Authorization: Bearer KEY`.
 
 Inference endpoints accept either key, admin endpoints only the admin key (401 for a missing
-or unknown key, 403 for the inference key on an admin endpoint). With no key configured
-everything is open, and the server binds to 127.0.0.1 only (`bind_host`).
+or unknown key, 403 for the inference key on an admin endpoint). /metrics accepts the metrics
+key (`--metrics-key`), the inference key or the admin key, and is open only when no key at all
+is configured. /health is always open. With no inference or admin key configured everything
+is open, and the server binds to 127.0.0.1 only (`bind_host`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ def bind_host(settings: Settings) -> Settings:
                 "so the server binds to %s only%s", LOCALHOST,
                 f" (ignoring host {settings.host})" if settings.host != LOCALHOST else "")
     return replace(settings, host=LOCALHOST)
+
+
+def describe_keys(settings: Settings) -> str:
+    """Which keys are configured, for the start-up log (never the keys themselves)."""
+    def state(key: str | None) -> str:
+        return "configured" if key else "not configured"
+
+    text = (f"inference key {state(settings.api_key)}, admin key {state(settings.admin_key)}, "
+            f"metrics key {state(settings.metrics_key)}")
+    if settings.api_key and settings.api_key == settings.admin_key:
+        text += " (WARNING: the inference key equals the admin key: every client can administer the server)"
+    if settings.api_key and not settings.admin_key:
+        text += " (admin endpoints are disabled without an admin key)"
+    return text
 
 
 def _presented(request: Request) -> str | None:
@@ -68,3 +84,15 @@ def admin(request: Request) -> None:
     if not s.admin_key:
         raise Forbidden("admin endpoints are disabled: no admin key is configured (--admin-key)")
     raise Unauthorized("missing or invalid admin key: send `Authorization: Bearer ADMIN_KEY`")
+
+
+def metrics(request: Request) -> None:
+    """Dependency of /metrics: any configured key (metrics, inference or admin); open without keys."""
+    s = _settings(request)
+    keys = [k for k in (s.metrics_key, s.api_key, s.admin_key) if k]
+    if not keys:
+        return
+    key = _presented(request)
+    if not any(_same(key, k) for k in keys):
+        raise Unauthorized("/metrics needs a key when the server has keys: send `Authorization: Bearer KEY` with the "
+                           "metrics, inference or admin key")

@@ -25,11 +25,14 @@ def parser() -> argparse.ArgumentParser:
                    help="load an adapter directory at startup (repeatable)")
     s.add_argument("--api-key", dest="api_key", help="inference key (Authorization: Bearer KEY)")
     s.add_argument("--admin-key", dest="admin_key", help="admin key: uploads, deletes, merges")
+    s.add_argument("--metrics-key", dest="metrics_key",
+                   help="a key that may read /metrics (the inference and admin keys may too); with any key set, "
+                        "/metrics needs one")
     s.add_argument("--store-dir", dest="store_dir", help="where uploaded adapters are kept (default ./data/adapters)")
     s.add_argument("--adapter-root", dest="adapter_root", help="server-side folders below this may be registered")
     for flag in ("max-upload-bytes", "device-cache-adapters", "device-cache-bytes", "host-cache-bytes",
                  "max-lora-rank", "max-prefix-len", "max-prompt-tokens", "max-tokens-limit", "max-body-bytes",
-                 "max-stack-adapters", "max-streams-per-key"):
+                 "max-stack-adapters", "max-streams-per-key", "max-prompt-chars"):
         s.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
     s.add_argument("--shutdown-grace-s", type=float, dest="shutdown_grace_s",
                    help="on SIGTERM, running requests get this many seconds to finish (default 10)")
@@ -75,18 +78,33 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_server(app, settings: Settings) -> None:
     """uvicorn, with a shutdown that drains: on SIGTERM/SIGINT the engine stops admitting at
-    once (503) and gives running requests `shutdown_grace_s` to finish (then fails them with a
-    clear error); uvicorn waits for their responses, and the process exits 0."""
+    once and gives running requests `shutdown_grace_s` to finish (then fails them with a clear
+    error). Meanwhile the server still accepts connections and answers new requests (and
+    /health) with 503, so load balancers see "draining", not "connection refused"; once the
+    engine is idle it stops listening, waits for the last responses, and exits 0. A second
+    signal stops at once."""
+    import time
+
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
+        drain_until: float | None = None  # set by the first signal
+
         def handle_exit(self, sig, frame) -> None:
             engine = getattr(app.state, "engine", None)
-            if engine is not None:
-                engine.drain(settings.shutdown_grace_s)
-            if self.should_exit:
-                self.force_exit = True  # a second signal: stop now
-            self.should_exit = True  # not recorded: uvicorn would re-raise it and exit non-zero
+            if self.drain_until is not None or self.should_exit or engine is None:
+                self.force_exit = self.drain_until is not None or self.should_exit  # a second signal: stop now
+                self.should_exit = True  # not recorded: uvicorn would re-raise it and exit non-zero
+                return
+            engine.drain(settings.shutdown_grace_s)
+            self.drain_until = time.monotonic() + settings.shutdown_grace_s + 1.0
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_until is not None and not self.should_exit:
+                engine = getattr(app.state, "engine", None)
+                if engine is None or not engine.busy or time.monotonic() > self.drain_until:
+                    self.should_exit = True  # stop listening; responses under way still finish
+            return await super().on_tick(counter)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s + 5)

@@ -32,7 +32,14 @@ STATUS: list[tuple[type[Exception], int, str, str | None]] = [
 ]
 
 
+MAX_MESSAGE = 2000  # characters; longer messages (echoing client input) are cut
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | int | None = None) -> dict:
+    # lone surrogates (client input such as "\ud800") cannot be encoded as UTF-8: escape them
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(message) > MAX_MESSAGE:
+        message = message[:MAX_MESSAGE] + f"... ({len(message)} characters)"
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -52,6 +59,13 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        invalid = [e for e in exc.errors() if e.get("type") == "json_invalid"]
+        if invalid:  # loc is ("body", character offset): not a parameter name
+            ctx = invalid[0].get("ctx") or {}
+            where = invalid[0].get("loc", ())[-1] if invalid[0].get("loc") else "?"
+            detail = f": {ctx['error']}" if isinstance(ctx.get("error"), str) else ""
+            return JSONResponse(error_body(f"the request body is not valid JSON (at character {where}{detail})",
+                                           "invalid_request_error"), status_code=400)
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}" for e in exc.errors())
@@ -66,7 +80,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error", exc_info=exc)
-        status, body = describe(exc)
         rid = request.scope.get("state", {}).get("request_id")  # outermost handler: set the header here
+        log.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc,
+                  extra={"request_id": rid or "-"})  # the details stay in the log, keyed by the request id
+        status, body = describe(exc)
+        if status == 500 and rid:
+            body["error"]["message"] += f" (request {rid}; the server log has the details)"
         return JSONResponse(body, status_code=status, headers={"X-Request-ID": rid} if rid else None)

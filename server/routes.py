@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from typing import AsyncIterator, Sequence
@@ -53,8 +54,8 @@ async def completions(body: CompletionRequest, request: Request):
     engine = get_engine(request)
     settings, metrics = request.app.state.settings, request.app.state.metrics
     check_supported(body)
-    prompts = prompt_token_ids(engine, body.prompt)
-    limits.check_request(settings, prompts, body.max_tokens, body.adapters)
+    prompts = await prompt_token_ids(engine, settings, body.prompt)
+    limits.check_request(settings, prompts, body.max_tokens, body.adapters, body.stop_token_ids, engine.info.vocab_size)
     params = sampling_params(body)
     rid = getattr(request.state, "request_id", "") or uuid.uuid4().hex
     slots = request.app.state.limiter.take(limits.client_key(request), len(prompts))  # 429 past max_streams_per_key
@@ -103,15 +104,16 @@ def check_supported(body: CompletionRequest) -> None:
         raise InvalidRequest("suffix is not supported")
 
 
-def prompt_token_ids(engine: Engine, prompt: Prompt) -> list[list[int]]:
+async def prompt_token_ids(engine: Engine, settings, prompt: Prompt) -> list[list[int]]:
     """Each prompt (a string or a list of token ids) becomes one choice."""
     if isinstance(prompt, str):
-        return [engine.encode(prompt)]
+        return await limits.encode_texts(engine, settings, [prompt])
     if not prompt:
         raise InvalidRequest("prompt must not be empty")
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
-    return [engine.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    encoded = iter(await limits.encode_texts(engine, settings, [p for p in prompt if isinstance(p, str)]))
+    return [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
 
 
 def sampling_params(body: CompletionRequest) -> SamplingParams:
@@ -155,13 +157,24 @@ def finish(reason: str | None) -> str | None:
     return reason if reason in ("stop", "length") else None
 
 
+NO_PROBABILITY = -9999.0  # what a log-probability of -inf is shown as (JSON has no infinities; vLLM does the same)
+
+
+def json_logprob(value: float | None) -> float | None:
+    """A log-probability JSON can carry: -inf -> NO_PROBABILITY, NaN -> None."""
+    if value is None or math.isfinite(value):
+        return value
+    return NO_PROBABILITY if value == float("-inf") else None
+
+
 def logprobs_object(entries: Sequence[TokenLogprob] | None) -> Logprobs | None:
     if entries is None:
         return None
     return Logprobs(
         tokens=[e.token for e in entries],
-        token_logprobs=[e.logprob for e in entries],
-        top_logprobs=[e.top for e in entries],
+        token_logprobs=[json_logprob(e.logprob) for e in entries],
+        top_logprobs=[None if e.top is None else {k: v for k, v in ((k, json_logprob(v)) for k, v in e.top.items())
+                                                  if v is not None} for e in entries],
         text_offset=[e.offset for e in entries],
     )
 
@@ -193,7 +206,7 @@ async def merged(handles: Sequence[RequestHandle]) -> AsyncIterator[tuple[int, E
 
 
 def sse_data(payload: dict | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)}\n\n"
 
 
 async def sse(handles: Sequence[RequestHandle], completion_id: str, created: int, model: str,

@@ -14,7 +14,7 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # Python's json reads NaN and Infinity
 
     model: str
     prompt: Prompt

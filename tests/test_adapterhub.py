@@ -17,20 +17,25 @@ import torch
 
 adapters = pytest.importorskip("adapters")
 from adapters import (  # noqa: E402
+    AdapterPlusConfig,
     BnConfig,
     CompacterConfig,
     CompacterPlusPlusConfig,
     ConfigUnion,
+    DoRAConfig,
     DoubleSeqBnConfig,
     DoubleSeqBnInvConfig,
+    DvoRAConfig,
     IA3Config,
     LoRAConfig,
     MAMConfig,
+    MTLLoRAConfig,
     ParBnConfig,
     PrefixTuningConfig,
     SeqBnConfig,
     SeqBnInvConfig,
     UniPELTConfig,
+    VeraConfig,
 )
 from adapters.composition import Stack  # noqa: E402
 
@@ -154,6 +159,61 @@ def test_matches_library(kind, case, tmp_path):
     check_single(kind, CASES[case](), tmp_path)
 
 
+# Methods added to the library after the seed reference (reference §8). Each runs where the
+# library itself can run it: VeRA needs all adapted layers of one shape (MHA Llama for q,v), DoRA
+# cannot be built on GPT-2, MTL-LoRA and VeRA do not run on GPT-2's fused c_attn.
+MHA = {"num_key_value_heads": 4}
+NEW_METHOD_CASES = {
+    "vera_qv_mha": (lambda: VeraConfig(r=4), ["llama"], MHA),
+    "vera_q_gated": (lambda: VeraConfig(r=6, attn_matrices=["q"], use_gating=True), ["llama"], {}),
+    "vera_mlp_in": (lambda: VeraConfig(r=4, alpha=2, selfattn_lora=False, intermediate_lora=True), ["gpt2"], {}),
+    "dora_qv_out": (lambda: DoRAConfig(r=4, alpha=4, output_lora=True), ["llama"], {}),
+    "dvora_qv_mha": (lambda: DvoRAConfig(r=4, alpha=4), ["llama"], MHA),
+    "mtl_lora": (lambda: MTLLoRAConfig(r=4, n_up_projection=3, intermediate_lora=True), ["llama"], {}),
+    "mtl_lora_mlp_gated": (lambda: MTLLoRAConfig(r=2, n_up_projection=2, selfattn_lora=False, intermediate_lora=True,
+                                                 output_lora=True, use_gating=True), ["gpt2"], {}),
+    "adapter_plus": (lambda: AdapterPlusConfig(reduction_factor=8, stochastic_depth=0.0), ["gpt2", "llama"], {}),
+}
+
+
+@pytest.mark.parametrize("kind,case", [(k, c) for c, (_, kinds, _) in NEW_METHOD_CASES.items() for k in kinds])
+def test_new_methods_match_library(kind, case, tmp_path):
+    config, _, overrides = NEW_METHOD_CASES[case]
+    adapter, _, _ = check_single(kind, config(), tmp_path, **overrides)
+    assert adapter.method == {"vera": "vera", "dora": "dora", "dvor": "dvora", "mtl_": "mtl_lora",
+                              "adap": "bottleneck"}[case[:4]]
+
+
+def test_adapter_plus_stochastic_depth_is_identity_at_inference(tmp_path):
+    """AdapterPlus trains with stochastic depth 0.1 (torchvision's drop path, identity in eval):
+    the saved config says so, and the forward is the same as with 0.0."""
+    adapter, directory, ours = check_single("llama", AdapterPlusConfig(reduction_factor=8, stochastic_depth=0.0), tmp_path)
+    d = broken_copy(directory, tmp_path / "sd", lambda m: m["config"].update(stochastic_depth=0.1))
+    again = load_adapter(d, ours.info)
+    ids = random_ids(BATCH, SEQ)
+    assert torch.equal(our_logits(ours, ids, [adapter]), our_logits(ours, ids, [again]))
+
+
+def test_mtl_lora_multitask_rows_equal_each_task_adapter(tmp_path):
+    """MultiTask(t1, t2) with shared A/B routes rows by task_ids; each task adapter saved alone
+    and requested per row gives the same logits (the MultiTask block is per-row routing)."""
+    from adapters.composition import MultiTask
+
+    config = MTLLoRAConfig(r=4, n_up_projection=2, output_lora=True)
+    hf, ours, dirs = setup_case("llama", {"t1": config, "t2": config}, tmp_path)
+    hf.share_parameters(adapter_names=["t1", "t2"], name="shared")
+    randomize_adapter(hf, "shared", 0.5, seed=9)
+    hf.set_active_adapters(MultiTask("t1", "t2"))
+    ids = random_ids(BATCH, SEQ)
+    with torch.no_grad():
+        lib = hf(ids, task_ids=torch.tensor([0, 1]), use_cache=False).logits
+    for name, d in dirs.items():
+        hf.save_adapter(str(d), name)
+    setups = [(load_adapter(dirs["t1"], ours.info),), (load_adapter(dirs["t2"], ours.info),)]
+    got = torch.stack(forward_sequences(ours, ids.tolist(), setups))
+    assert_close(lib, got, our_logits(ours, ids, []))
+
+
 COMPACTER_CASES = {
     "compacter": (lambda: CompacterConfig(), ["gpt2", "llama"]),
     "compacter_pp": (lambda: CompacterPlusPlusConfig(), ["gpt2", "llama"]),
@@ -243,7 +303,11 @@ def greedy_library(hf, prompt: list[int], steps: int) -> list[int]:
     return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kind,config", [("gpt2", lambda: DoubleSeqBnInvConfig()), ("llama", lambda: MAMConfig())])
+@pytest.mark.parametrize("kind,config", [
+    ("gpt2", lambda: DoubleSeqBnInvConfig()), ("llama", lambda: MAMConfig()),
+    ("gpt2", lambda: VeraConfig(r=4, selfattn_lora=False, output_lora=True)),
+    ("llama", lambda: DoRAConfig(r=4, alpha=4, attn_matrices=["q", "k", "v"])),
+])
 def test_greedy_continuation_matches_library(kind, config, tmp_path):
     hf, ours, dirs = setup_case(kind, {"ad": config()}, tmp_path)
     hf.set_active_adapters("ad")
@@ -291,6 +355,15 @@ def test_validate_stack_refusals(tmp_path):
     lora, seq = (load_adapter(dirs[n], ours.info) for n in ("l", "s"))
     with pytest.raises(InvalidRequest, match="c_attn"):
         validate_stack([seq, lora])
+
+    hf, ours, dirs = setup_case("llama", {"d": DoRAConfig(r=2, alpha=2, attn_matrices=["q"]), "q": LoRAConfig(r=2),
+                                          "s": SeqBnConfig()}, tmp_path / "dora")
+    for n, d in dirs.items():
+        hf.save_adapter(str(d), n)
+    dora, lora_q, seq = (load_adapter(dirs[n], ours.info) for n in ("d", "q", "s"))
+    with pytest.raises(InvalidRequest, match="DoRA"):
+        validate_stack([lora_q, dora])
+    validate_stack([dora, seq])  # no shared linear: fine
 
 
 # ----------------------------------------------------------------------------- refusals and broken files
@@ -392,12 +465,33 @@ def test_unsupported_options(saved_gpt2, tmp_path, edit, error, match):
         load_adapter(d, ours.info)
 
 
-@pytest.mark.parametrize(
-    "edit,match",
-    [(lambda c: c.update(use_dora=True), "DoRA"), (lambda c: c.update(vera_d=0.1, vera_b=0.0), "VeRA")],
-)
-def test_lora_variants_refused(tmp_path, edit, match):
-    hf, ours, dirs = setup_case("llama", {"l": LoRAConfig(r=2)}, tmp_path)
+@pytest.mark.parametrize("kind,config,match", [
+    # the library's DoRA divides by ||W + B A|| but adds s (x A^T) B^T: only s == 1 is PEFT's form
+    ("llama", lambda: DoRAConfig(r=4, alpha=8), "alpha"),
+    # VeRA's shared A/B fit the first adapted layer only; q (64->64) and GQA v (64->32) differ
+    ("llama", lambda: VeraConfig(r=4), "differ in shape"),
+    ("gpt2", lambda: VeraConfig(r=4, selfattn_lora=False, intermediate_lora=True, output_lora=True), "differ in shape"),
+])
+def test_variants_the_library_cannot_run_or_we_cannot_serve(kind, config, match, tmp_path):
+    """Saved by the library (its forward then fails, or computes a form we do not): 422."""
+    hf, ours, dirs = setup_case(kind, {"v": config()}, tmp_path)
+    hf.save_adapter(str(dirs["v"]), "v")
+    with pytest.raises(AdapterUnsupported, match=match):
+        load_adapter(dirs["v"], ours.info)
+
+
+@pytest.mark.parametrize("kind,edit,match", [
+    ("gpt2", lambda c: c.update(vera_d=0.1, vera_b=0.0), "c_attn"),  # the library's forward raises there
+    ("gpt2", lambda c: c.update(architecture="mtl_lora"), "c_attn"),
+    ("gpt2", lambda c: c.update(use_dora=True), "GPT-2"),  # the library cannot build it
+    ("llama", lambda c: c.update(architecture="mtl_lora", task_specific_matrix_type="linear"), "linear"),
+    ("llama", lambda c: c.update(architecture="mtl_lora", use_dora=True), "MTL-LoRA"),
+    ("llama", lambda c: c.update(use_dora=True, use_gating=True), "gated DoRA"),
+    ("llama", lambda c: c.update(composition_mode="scale", r=1, use_dora=True), "IA3"),
+])
+def test_lora_variants_refused(kind, edit, match, tmp_path):
+    """Configs the library cannot build or run, edited into a saved LoRA: 422 naming why."""
+    hf, ours, dirs = setup_case(kind, {"l": LoRAConfig(r=2, alpha=2)}, tmp_path)
     hf.save_adapter(str(dirs["l"]), "l")
     d = broken_copy(dirs["l"], tmp_path, lambda m: edit(m["config"]))
     with pytest.raises(AdapterUnsupported, match=match):

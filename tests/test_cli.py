@@ -12,9 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from clients import ConnectionFailed, ServerError
+import httpx
+
+from clients import ConnectionFailed, ServerError, TooLarge
 from clients.cli import exit_code
-from tests.test_client import ADMIN_KEY, PROMPT, USER_KEY, base_hf, decode, make_peft_lora, peft_greedy, serve
+from tests.test_client import (ADMIN_KEY, MAX_UPLOAD, PROMPT, USER_KEY, base_hf, decode, make_peft_lora, peft_greedy,
+                               serve)
 from tests.test_server import free_port, greedy_ids, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,10 +37,11 @@ def live(tmp_path_factory):
 
 def cli(live, *args: str, key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:
     url, cwd, _, _ = live
-    env = {**os.environ, "ADAPTER_SERVER_URL": url, "PYTHONPATH": str(ROOT)}
-    env.pop("ADAPTER_SERVER_API_KEY", None)
+    env = {**os.environ, "ADAPTER_CLIENT_URL": url, "PYTHONPATH": str(ROOT)}
+    for name in ("ADAPTER_SERVER_API_KEY", "ADAPTER_CLIENT_API_KEY", "ADAPTER_CLIENT_ADMIN_KEY"):
+        env.pop(name, None)
     if key is not None:
-        env["ADAPTER_SERVER_API_KEY"] = key
+        env["ADAPTER_CLIENT_API_KEY"] = key
     return subprocess.run([sys.executable, "-m", "clients.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 
@@ -98,6 +102,41 @@ def test_exit_codes(live, tmp_path):
     assert cli(live, "frobnicate").returncode == 2
     assert cli(live, "--url", f"http://127.0.0.1:{free_port()}", "health").returncode == 6
     assert exit_code(ServerError(500, "boom")) == 1 and exit_code(ConnectionFailed(0, "x")) == 6
+    assert exit_code(TooLarge(413, "too big")) == 2  # refused by the server, like 400 and 422
+
+
+def upload_posts(live) -> float:
+    """How many upload bodies the server has received (its own metrics)."""
+    text = httpx.get(live[0] + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("adapter_server_http_requests_total{") and 'route="/v1/adapters"' in line
+               and 'method="POST"' in line)
+
+
+def test_an_upload_the_server_would_refuse_is_never_sent(live):
+    _, cwd, _, _ = live
+    big = cwd / "big-lora"
+    big.mkdir(exist_ok=True)
+    for f in (cwd / "my-lora").iterdir():
+        (big / f.name).write_bytes(f.read_bytes())
+    (big / "optimizer.bin").write_bytes(b"\0" * (MAX_UPLOAD + (2 << 20)))
+    assert cli(live, "upload", "taken", "./my-lora").returncode == 0
+    try:
+        before = upload_posts(live)
+        too_large = cli(live, "upload", "big", "./big-lora")
+        assert too_large.returncode == 2 and "max_upload_bytes" in too_large.stderr, too_large.stderr
+        taken = cli(live, "upload", "taken", "./my-lora")
+        assert taken.returncode == 4 and "taken" in taken.stderr
+        assert upload_posts(live) == before  # both refused by the pre-check: no body went out
+    finally:
+        assert cli(live, "delete", "taken").returncode == 0
+    with_env_admin = {**os.environ, "ADAPTER_CLIENT_URL": live[0], "ADAPTER_CLIENT_API_KEY": USER_KEY,
+                      "ADAPTER_CLIENT_ADMIN_KEY": ADMIN_KEY, "PYTHONPATH": str(ROOT)}
+    with_env_admin.pop("ADAPTER_SERVER_API_KEY", None)
+    both = subprocess.run([sys.executable, "-m", "clients.cli", "upload", "two-keys", "./my-lora"], cwd=cwd,
+                          env=with_env_admin, capture_output=True, text=True, timeout=120)
+    assert both.returncode == 0, both.stderr  # the admin key from the client's own variable
+    assert cli(live, "delete", "two-keys").returncode == 0
 
 
 def clients_section() -> str:
@@ -120,7 +159,8 @@ def test_docs_examples_run(live):
     assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
     assert "--api-key user-secret --admin-key admin-secret" in section
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for key in ("ADAPTER_SERVER_URL", "ADAPTER_SERVER_API_KEY"):
+    for key in ("ADAPTER_SERVER_URL", "ADAPTER_SERVER_API_KEY", "ADAPTER_CLIENT_URL", "ADAPTER_CLIENT_API_KEY",
+                "ADAPTER_CLIENT_ADMIN_KEY"):
         env.pop(key, None)
     # `adapter-client` as installed by pyproject's [project.scripts], without needing a reinstall
     shim = f'adapter-client() {{ "{sys.executable}" -m clients.cli "$@"; }}\nset -euo pipefail\n'

@@ -18,6 +18,7 @@ from tests.test_server import free_port, greedy_ids, start_server, stop_server
 from tests.tiny import hf_model, save_checkpoint
 
 USER_KEY, ADMIN_KEY = "user-secret", "admin-secret"  # as in the README quick start
+MAX_UPLOAD = 4 << 20  # the live server's max_upload_bytes
 PROMPT = [72, 101, 108, 108, 111]  # "Hello"
 GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
@@ -60,7 +61,8 @@ def decode(ids: list[int]) -> str:
 def serve(tmp: Path) -> tuple:
     ckpt = save_checkpoint(base_hf(), tmp / "tiny-llama")
     return start_server("--model", str(ckpt), "--max-seq-len", "64", "--max-batch", "4", "--store-dir", str(tmp / "store"),
-                        "--api-key", USER_KEY, "--admin-key", ADMIN_KEY, "--adapter-root", str(tmp))
+                        "--api-key", USER_KEY, "--admin-key", ADMIN_KEY, "--adapter-root", str(tmp),
+                        "--max-upload-bytes", str(MAX_UPLOAD))
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +197,9 @@ def test_api_keys(live):
 
 
 def test_api_key_defaults_to_the_environment(live, monkeypatch):
-    monkeypatch.setenv("ADAPTER_SERVER_API_KEY", USER_KEY)
-    monkeypatch.setenv("ADAPTER_SERVER_URL", live[0])
+    monkeypatch.delenv("ADAPTER_SERVER_API_KEY", raising=False)
+    monkeypatch.setenv("ADAPTER_CLIENT_API_KEY", USER_KEY)
+    monkeypatch.setenv("ADAPTER_CLIENT_URL", live[0])
     with AdapterServerClient(timeout=30) as c:
         assert c.base_url == live[0] and c.models()
 

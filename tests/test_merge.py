@@ -24,7 +24,7 @@ from tests.tiny import hf_model, random_ids, save_checkpoint
 adapters_lib = pytest.importorskip("adapters")
 peft = pytest.importorskip("peft")
 from adapters import ConfigUnion, IA3Config as HubIA3, LoRAConfig as HubLoRA, SeqBnConfig  # noqa: E402
-from peft import IA3Config, LoraConfig  # noqa: E402
+from peft import AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, VeraConfig  # noqa: E402
 
 TOL = 1e-4
 
@@ -33,10 +33,12 @@ def make(kind: str, case: str, directory):
     if case == "peft-lora":
         targets = ["c_attn", "mlp.c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
         return peft_adapter(kind, LoraConfig(r=4, lora_alpha=8, target_modules=targets), directory)[0]
-    if case == "peft-dora":  # not mergeable itself, but its per-row norm must ignore a merged delta
-        targets = ["c_attn"] if kind == "gpt2" else ["q_proj", "v_proj"]
+    if case in ("peft-dora", "other-dora"):  # the other rows' per-row norm must ignore a merged delta
+        targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj"]
         return peft_adapter(kind, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=targets), directory,
-                            seed=11)[0]
+                            seed=11 if case == "peft-dora" else 12)[0]
+    if case == "peft-lokr":  # read as an exact LoRA of rank 8 x 2
+        return peft_adapter(kind, LoKrConfig(r=2, alpha=3, target_modules=["q_proj", "down_proj"]), directory)[0]
     if case == "peft-ia3":  # feed-forward modules scale their input
         return peft_adapter(kind, IA3Config(), directory, ia3=True)[0]
     if case == "hub-lora":
@@ -54,15 +56,19 @@ def bases(tmp_path_factory):
 
 
 @pytest.mark.parametrize("kind,case", [("gpt2", "peft-lora"), ("llama", "peft-lora"), ("llama", "peft-ia3"),
-                                       ("gpt2", "hub-lora"), ("gpt2", "hub-ia3"), ("llama", "hub-union")])
+                                       ("gpt2", "hub-lora"), ("gpt2", "hub-ia3"), ("llama", "hub-union"),
+                                       ("gpt2", "peft-dora"), ("llama", "peft-dora"), ("llama", "peft-lokr")])
 def test_merge_keeps_every_output_and_reset_is_exact(bases, kind, case, tmp_path):
+    """Rows: the merged adapter, a LoRA elsewhere, the base, and a DoRA on the merged sites
+    (whose norm must be taken from the original weights)."""
     lm = bases[kind]
     model, info = lm.model, lm.info
     target = load_adapter(make(kind, case, tmp_path / "target"), info, "target")
     other = load_adapter(peft_adapter(kind, LoraConfig(r=2, target_modules=["c_fc"] if kind == "gpt2" else ["up_proj"]),
                                       tmp_path / "other", seed=7)[0], info, "other")
-    rows = random_ids(3, 10, seed=2).tolist()
-    setups = [(target,), (other,), ()]
+    dora = load_adapter(make(kind, "other-dora", tmp_path / "dora"), info, "dora")
+    rows = random_ids(4, 10, seed=2).tolist()
+    setups = [(target,), (other,), (), (dora,)]
     before = forward_sequences(model, rows, setups)
     assert (before[0] - before[2]).abs().max() > 1e-2, "the adapter must change the output"
     originals = {k: v.clone() for k, v in model.state_dict().items()}
@@ -71,7 +77,7 @@ def test_merge_keeps_every_output_and_reset_is_exact(bases, kind, case, tmp_path
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, originals[k])]
     assert changed, "a merge must change base weights"
     merged = forward_sequences(model, rows, setups, merged=record.merged)
-    for b in range(3):
+    for b in range(4):
         assert (merged[b] - before[b]).abs().max().item() <= TOL
 
     merge_ops.reset(model, record)
@@ -93,6 +99,37 @@ def test_merged_lora_weights_equal_adapterhub_merge(kind, tmp_path):
         weight = theirs[f"{prefix}.weight"]
         weight = weight.T if kind == "gpt2" else weight  # Conv1D [in, out]
         assert (merge_ops.site_linear(ours, layer, module).weight - weight).abs().max() <= 1e-6, (layer, module)
+
+
+FACTORED = {  # methods read as an exact LoRA; their merge must still be PEFT's W + dW
+    "vera": lambda: VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "loha": lambda: LoHaConfig(r=2, alpha=3, target_modules=["q_proj", "down_proj"]),
+    "lokr": lambda: LoKrConfig(r=2, alpha=3, target_modules=["k_proj", "up_proj"]),
+    "adalora": lambda: AdaLoraConfig(init_r=4, total_step=10, target_modules=["q_proj", "o_proj"]),
+}
+
+
+@pytest.mark.parametrize("kind,case", [("gpt2", "peft-dora"), ("llama", "peft-dora"),
+                                       *(("llama", f) for f in FACTORED)])
+def test_merged_weights_equal_peft_merge(kind, case, tmp_path):
+    """DoRA: W' = diag(m / ||W + s B A||) (W + s B A), the bias untouched; the others W + dW:
+    PEFT's merge_and_unload."""
+    if case in FACTORED:
+        directory = peft_adapter(kind, FACTORED[case](), tmp_path / case)[0]
+    else:
+        directory = make(kind, case, tmp_path / "dora")
+    hf = hf_model(kind)
+    ours = build_model(copy.deepcopy(hf.config), {k: v.clone() for k, v in hf.state_dict().items()}, torch.float32, "cpu")
+    theirs = peft.PeftModel.from_pretrained(hf, directory).merge_and_unload().state_dict()
+    record = merge_ops.merge(ours, load_adapter(directory, ours.info, case))
+    for (layer, module) in record.originals:
+        prefix = f"transformer.h.{layer}.{module}" if kind == "gpt2" else f"model.layers.{layer}.{module}"
+        weight = theirs[f"{prefix}.weight"]
+        weight = weight.T if kind == "gpt2" else weight  # Conv1D [in, out]
+        linear = merge_ops.site_linear(ours, layer, module)
+        assert (linear.weight - weight).abs().max() <= 1e-6, (layer, module)
+        if linear.bias is not None:
+            assert torch.equal(linear.bias, theirs[f"{prefix}.bias"])
 
 
 def test_unmergeable_adapters_are_refused_and_change_nothing(bases, tmp_path):
@@ -122,7 +159,7 @@ def test_merge_and_reset_while_streams_run(bases, tmp_path):
         alone = [engine.submit(request(i)).result(60).token_ids for i in range(16)]
         handles = [engine.submit(request(i)) for i in range(16)]
         for op in (lambda: engine.merge("lora"), engine.reset, lambda: engine.merge("ia3"), engine.reset,
-                   lambda: engine.merge("union")):
+                   lambda: engine.merge("dora"), engine.reset, lambda: engine.merge("union")):
             op()
         results = [h.result(60).token_ids for h in handles]
         assert engine.merged_name == "union"

@@ -15,9 +15,11 @@ from tests.tiny import hf_model, random_ids, save_checkpoint
 
 pytest.importorskip("adapters")
 pytest.importorskip("peft")
-from adapters import (CompacterPlusPlusConfig, DoubleSeqBnConfig, IA3Config as HubIA3, LoRAConfig as HubLoRA,  # noqa: E402
-                      ParBnConfig, PrefixTuningConfig as HubPrefix, SeqBnConfig, SeqBnInvConfig)
-from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig  # noqa: E402
+from adapters import (AdapterPlusConfig, CompacterPlusPlusConfig, DoRAConfig as HubDoRA, DoubleSeqBnConfig,  # noqa: E402
+                      IA3Config as HubIA3, LoRAConfig as HubLoRA, MTLLoRAConfig, ParBnConfig,
+                      PrefixTuningConfig as HubPrefix, SeqBnConfig, SeqBnInvConfig, VeraConfig as HubVera)
+from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,  # noqa: E402
+                  PromptTuningConfig, VeraConfig)
 
 HIDDEN = 128  # Compacter needs hidden / reduction_factor divisible by phm_dim
 STEPS = 8
@@ -28,6 +30,10 @@ CASES = {
     "peft-ia3": ("peft", lambda: IA3Config()),
     "peft-prompt": ("peft", lambda: PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)),
     "peft-prefix": ("peft", lambda: PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "peft-vera": ("peft", lambda: VeraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "peft-loha": ("peft", lambda: LoHaConfig(r=3, alpha=6, target_modules=["k_proj", "up_proj"])),
+    "peft-lokr": ("peft", lambda: LoKrConfig(r=2, alpha=4, target_modules=["q_proj", "o_proj"])),
+    "peft-adalora": ("peft", lambda: AdaLoraConfig(init_r=4, total_step=10, target_modules=["v_proj", "gate_proj"])),
     "hub-pfeiffer": ("hub", lambda: SeqBnConfig(reduction_factor=16)),
     "hub-houlsby": ("hub", lambda: DoubleSeqBnConfig(reduction_factor=16)),
     "hub-parallel": ("hub", lambda: ParBnConfig(reduction_factor=8)),
@@ -37,6 +43,10 @@ CASES = {
     "hub-prefix-leave-out": ("hub", lambda: HubPrefix(prefix_length=4, bottleneck_size=32, leave_out=[1])),
     "hub-lora": ("hub", lambda: HubLoRA(r=4, alpha=8, intermediate_lora=True)),
     "hub-ia3": ("hub", lambda: HubIA3()),
+    "hub-vera": ("hub", lambda: HubVera(r=4, attn_matrices=["q"])),
+    "hub-dora": ("hub", lambda: HubDoRA(r=4, alpha=4)),
+    "hub-mtl-lora": ("hub", lambda: MTLLoRAConfig(r=4, n_up_projection=2, output_lora=True)),
+    "hub-adapter-plus": ("hub", lambda: AdapterPlusConfig(reduction_factor=16, stochastic_depth=0.0)),
 }
 
 
@@ -59,7 +69,7 @@ def world(tmp_path_factory):
 
 def test_mixed_batch_rows_equal_library_and_single_requests(world):
     lm, made = world
-    engine = Engine(lm, config=EngineConfig(max_batch=16, max_seq_len=64))
+    engine = Engine(lm, config=EngineConfig(max_batch=32, max_seq_len=64))
     names = list(made) + [None, None]  # two base rows
     prompts = random_ids(len(names), 7, seed=4).tolist()
     prompts[-1] = prompts[-1][:4]  # rows of different lengths

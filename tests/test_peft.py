@@ -19,8 +19,8 @@ from tests.oracles import peft_adapter
 from tests.tiny import hf_model, random_ids, save_checkpoint
 
 peft = pytest.importorskip("peft")
-from peft import (IA3Config, LoHaConfig, LoraConfig, PeftModel, PrefixTuningConfig,  # noqa: E402
-                  PromptEncoderConfig, PromptTuningConfig, get_peft_model)
+from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel,  # noqa: E402
+                  PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, VeraConfig, get_peft_model)
 
 TOL = 1e-4
 KINDS = ("gpt2", "llama")
@@ -203,19 +203,125 @@ def test_refuses_pissa(bases, tmp_path):
 @pytest.mark.parametrize("kind", KINDS)
 def test_dora(kind, bases, tmp_path):
     """DoRA renormalizes each output row of W + s B A by the saved magnitude; rows of other
-    adapters in the same batch are unaffected. It cannot be merged (409 at the server)."""
+    adapters in the same batch are unaffected. It can be merged (tests/test_merge.py)."""
     from adapter_runtime.merge import why_not_mergeable
 
     targets = ["c_attn", "mlp.c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
     config = LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, use_dora=True, target_modules=targets)
     directory = make_adapter(kind, config, tmp_path)
     check_logits(kind, bases, directory)
-    assert "DoRA" in why_not_mergeable(load_adapter(directory, bases[kind][1].info, "dora"))
+    assert why_not_mergeable(load_adapter(directory, bases[kind][1].info, "dora")) is None
 
 
-def test_refuses_loha(bases, tmp_path):
-    config = LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
-    refused("llama", bases, make_adapter("llama", config, tmp_path), AdapterUnsupported, "LOHA")
+# --------------------------------------------------------------------------- VeRA, LoHa, LoKr, AdaLoRA
+# Each is read as an exact LoRA (formats/as_lora.py); PEFT itself is the oracle.
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_vera(kind, bases, tmp_path):
+    """The shared projections are sized to the largest adapted layer and sliced per layer
+    (GPT-2: c_attn 64->192 and c_fc 64->256; Llama: q 64->64, GQA v 64->32, down 128->64)."""
+    targets = ["c_attn", "c_fc"] if kind == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    config = VeraConfig(task_type="CAUSAL_LM", r=6, target_modules=targets)
+    adapter = check_logits(kind, bases, make_adapter(kind, config, tmp_path))
+    assert adapter.method == "vera" and all(e.A.shape[0] == 6 for e in adapter.linear.values())
+    if kind == "gpt2":  # Llama's greedy tokens are checked in the mixed batch (tests/test_mixed.py)
+        check_greedy(kind, bases, tmp_path)
+
+
+def test_vera_projection_regenerated_from_its_key(bases, tmp_path):
+    """save_projection=False: PEFT rebuilds A and B from projection_prng_key; so do we."""
+    config = VeraConfig(task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                        save_projection=False, projection_prng_key=1234)
+    directory = make_adapter("llama", config, tmp_path)
+    from safetensors.torch import load_file
+
+    assert not any("vera_A" in k for k in load_file(directory / "adapter_model.safetensors"))
+    check_logits("llama", bases, directory)
+
+
+def test_loha(bases, tmp_path):
+    """(w1a w1b) * (w2a w2b) as a LoRA of rank r^2; per-module rank/alpha patterns. PEFT's
+    LoHa cannot wrap GPT-2's Conv1D, so Llama is the only family with LoHa adapters."""
+    config = LoHaConfig(task_type="CAUSAL_LM", r=3, alpha=5, target_modules=["q_proj", "v_proj", "down_proj"],
+                        rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 11})
+    adapter = check_logits("llama", bases, make_adapter("llama", config, tmp_path))
+    assert adapter.linear[(0, "self_attn.q_proj")].A.shape[0] == 9
+    assert adapter.linear[(0, "self_attn.v_proj")].A.shape[0] == 4
+    assert adapter.linear[(1, "self_attn.q_proj")].scale == pytest.approx(11 / 3)
+
+
+@pytest.mark.parametrize("options", [
+    dict(r=4, alpha=6),  # w1 full, w2 full on 64x64 (r >= half the factor), low-rank w2 on down_proj
+    dict(r=2, alpha=6, decompose_both=True),  # both factors low-rank
+    dict(r=1, alpha=3, decompose_factor=4, rank_pattern={"q_proj": 2}),  # other factor shapes
+], ids=["default", "decompose-both", "factor-4"])
+def test_lokr(options, bases, tmp_path):
+    config = LoKrConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj", "down_proj"], **options)
+    adapter = check_logits("llama", bases, make_adapter("llama", config, tmp_path))
+    assert all(e.A.shape[0] <= min(e.A.shape[1], e.B.shape[0]) for e in adapter.linear.values())
+
+
+def test_factored_rank_counts_against_max_lora_rank(bases, tmp_path):
+    """LoKr r=2 with a full 8x8 factor is served as a rank-16 LoRA: the store's max_lora_rank
+    applies to that rank, not to the config's r."""
+    from adapter_runtime.store import AdapterStore, StoreLimits
+
+    directory = make_adapter("llama", LoKrConfig(task_type="CAUSAL_LM", r=2, alpha=4, target_modules=["q_proj"],
+                                                 decompose_factor=8), tmp_path / "lokr")
+    info = bases["llama"][1].info
+    assert max(e.A.shape[0] for e in load_adapter(directory, info).linear.values()) == 16
+    with pytest.raises(AdapterUnsupported, match="rank 16"):
+        AdapterStore(tmp_path / "store", info, StoreLimits(max_lora_rank=8)).add("lokr", directory)
+    AdapterStore(tmp_path / "store", info, StoreLimits(max_lora_rank=16)).add("lokr", directory)
+
+
+def adalora_adapter(kind, directory, targets, seed=1):
+    """A few real AdaLoRA training steps, so that the rank allocation prunes: the saved tensors
+    are cut to the kept ranks (some modules to rank 0) and the config holds the masks."""
+    config = AdaLoraConfig(task_type="CAUSAL_LM", init_r=6, target_r=2, tinit=0, tfinal=1, deltaT=1, total_step=4,
+                           lora_alpha=10, target_modules=targets)
+    model = get_peft_model(hf_model(kind), config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    ids = random_ids(2, 8, seed=seed)
+    model.train()
+    for step in range(4):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        model.base_model.update_and_allocate(step)
+        optimizer.zero_grad()
+    model.eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_adalora(kind, bases, tmp_path):
+    targets = ["c_attn", "mlp.c_proj"] if kind == "gpt2" else ["q_proj", "v_proj", "up_proj"]
+    directory = adalora_adapter(kind, tmp_path, targets)
+    saved = json.loads((directory / "adapter_config.json").read_text())
+    assert saved["rank_pattern"], "the rank allocation must have run"
+    adapter = check_logits(kind, bases, directory)
+    assert all(0 < e.A.shape[0] < 6 for e in adapter.linear.values())
+    assert len(adapter.linear) == sum(1 for mask in saved["rank_pattern"].values() if any(mask))  # rank 0: no effect
+    assert next(iter(adapter.linear.values())).scale == pytest.approx(10 / 6, rel=1e-5)  # alpha / init_r
+    if kind == "gpt2":  # Llama's greedy tokens are checked in the mixed batch (tests/test_mixed.py)
+        check_greedy(kind, bases, directory)
+
+
+def test_refuses_loha_convolution_keys(bases, tmp_path):
+    make_adapter("llama", LoHaConfig(task_type="CAUSAL_LM", target_modules=["q_proj"]), tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    tensors["base_model.model.model.layers.0.self_attn.q_proj.hada_t1"] = torch.zeros(8, 8, 1, 1)
+    save_file(tensors, path, metadata={"format": "pt"})
+    refused("llama", bases, tmp_path, AdapterUnsupported, "hada_t1", "convolution")
 
 
 def test_refuses_wrong_shape(bases, tmp_path):

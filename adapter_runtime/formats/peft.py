@@ -7,44 +7,58 @@ The set of adapted modules comes from the tensor KEYS, never from re-running PEF
 matching: `target_modules` may be a regex, "all-linear" is expanded before saving, and keys
 are what PEFT itself loads. The config only supplies scales and flags that change the math.
 
-Supported: LoRA (rank/alpha patterns, rsLoRA, lora_bias; fan_in_fan_out only matters for
-merging), (IA)^3 (output and feed-forward input scaling), prompt tuning, P-tuning, prefix
-tuning (with or without projection: the file holds the final KV). Everything that replaces or
-mutates base weights, changes the model structure, or uses different math is refused with
-a typed error naming the option.
+Supported: LoRA (rank/alpha patterns, rsLoRA, lora_bias, DoRA; fan_in_fan_out only matters
+for merging), (IA)^3 (output and feed-forward input scaling), prompt tuning, P-tuning, prefix
+tuning (with or without projection: the file holds the final KV), and the methods whose delta
+is a product of small factors, read as an exact LoRA (formats/as_lora.py): VeRA, LoHa, LoKr,
+AdaLoRA. Everything that replaces or mutates base weights, changes the model structure, or uses
+different math is refused with a typed error naming the option.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from ..adapters import Adapter, LoRA, Prefix, Prompt, Scale
 from ..errors import AdapterFormatError, AdapterIncompatible, AdapterUnsupported
 from ..models.common import ModelInfo
-from . import expect_shape, read_json, read_tensors
+from . import as_lora, expect_shape, read_json, read_tensors
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 # peft_type -> our method name. P-tuning saves its encoder's output, so at inference it is
 # prompt tuning (reference §5).
 SUPPORTED = {"LORA": "lora", "IA3": "ia3", "PROMPT_TUNING": "prompt_tuning", "P_TUNING": "p_tuning",
-             "PREFIX_TUNING": "prefix_tuning"}
+             "PREFIX_TUNING": "prefix_tuning", "VERA": "vera", "LOHA": "loha", "LOKR": "lokr", "ADALORA": "adalora"}
 
 # where each model family keeps its blocks, as a module-path prefix
 BLOCK_PREFIX = {"gpt2": "transformer.h.", "llama": "model.layers."}
 
 # adapter parameters per peft_type: key suffix after the module path
-ADAPTER_PARAMS = {"LORA": ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"), "IA3": ("ia3_l",)}
+ADAPTER_PARAMS = {
+    "LORA": ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector"),
+    "IA3": ("ia3_l",),
+    "VERA": ("vera_lambda_b", "vera_lambda_d"),
+    "LOHA": ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"),
+    "LOKR": ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+    "ADALORA": ("lora_A", "lora_B", "lora_E"),
+}
+INJECTED = tuple(ADAPTER_PARAMS)
+# VeRA's projections, shared by every layer, sit outside the module tree (reference §1.2)
+VERA_PROJECTIONS = ("base_model.vera_A", "base_model.vera_B")
 
 # parameter names of methods/variants we do not implement, to name them in the error
 FOREIGN_PARAMS = {
     "lora_embedding_A": "LoRA on an embedding layer",
     "lora_embedding_B": "LoRA on an embedding layer",
-    "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "vera_lambda_b": "VeRA",
+    "hada_t1": "LoHa's CP decomposition of a convolution kernel (use_effective_conv2d)",
+    "lokr_t2": "LoKr's CP decomposition of a convolution kernel (use_effective_conv2d)",
 }
 
 # LoRA inits that change the base weights when the adapter is created; PEFT redoes them on
@@ -70,7 +84,7 @@ def read_peft(directory: Path, info: ModelInfo, name: str | None = None) -> Adap
             raise AdapterFormatError(f"tensor {key} has dtype {t.dtype}; adapter weights must be floating point")
     name = name or directory.name
     method = SUPPORTED[peft_type]
-    if peft_type in ("LORA", "IA3"):
+    if peft_type in INJECTED:
         linear = read_injected(peft_type, config, tensors, info)
         return Adapter(name, "peft", method, config, linear=linear)
     embeddings = only_tensor(tensors, "prompt_embeddings")
@@ -101,8 +115,10 @@ def check_base(config: dict, info: ModelInfo) -> None:
 
 
 def read_injected(peft_type: str, config: dict, tensors: dict[str, Tensor], info: ModelInfo) -> dict:
-    """LoRA or (IA)^3: group tensors by (layer, module) site, then build one effect per site."""
+    """An injected method: group tensors by (layer, module) site, then build one effect per site."""
     check_injected_options(peft_type, config)
+    tensors = dict(tensors)
+    shared = {key: tensors.pop(key) for key in VERA_PROJECTIONS if key in tensors} if peft_type == "VERA" else {}
     sites: dict[tuple[int, str], dict[str, Tensor]] = {}
     paths: dict[tuple[int, str], str] = {}
     for key, t in tensors.items():
@@ -111,9 +127,15 @@ def read_injected(peft_type: str, config: dict, tensors: dict[str, Tensor], info
         paths[(layer, module)] = path
     if not sites:
         raise AdapterFormatError("adapter_model holds no adapter tensors")
-    build = lora_effect if peft_type == "LORA" else ia3_effect
-    return {site: build(paths[site], info.linear_shapes[site[1]], params, config)
-            for site, params in sorted(sites.items())}
+    if peft_type == "VERA":
+        projections = vera_projections(config, shared, [info.linear_shapes[m] for _, m in sites])
+        build = functools.partial(vera_effect, projections=projections)
+    else:
+        build = {"LORA": lora_effect, "IA3": ia3_effect, "LOHA": loha_effect, "LOKR": lokr_effect,
+                 "ADALORA": adalora_effect}[peft_type]
+    effects = {site: build(paths[site], info.linear_shapes[site[1]], params, config)
+               for site, params in sorted(sites.items())}
+    return {site: e for site, e in effects.items() if e is not None}
 
 
 def check_injected_options(peft_type: str, config: dict) -> None:
@@ -229,6 +251,127 @@ def lora_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], co
     if magnitude is not None:
         magnitude = expect_shape(f"{path}.lora_magnitude_vector", magnitude, (fan_out,)).contiguous()
     return LoRA(A=A.contiguous(), B=B.contiguous(), scale=float(scale), bias=bias, magnitude=magnitude)
+
+
+def patterned(config: dict, path: str, pattern_field: str, field: str, default):
+    """The value of `field` for one module: rank_pattern / alpha_pattern win over the default
+    (first matching regex in dict order, anchored at the end of the path)."""
+    patterns = config.get(pattern_field) or {}
+    if not isinstance(patterns, dict):
+        raise AdapterFormatError(f"{pattern_field} must be a JSON object (regex -> value)")
+    value = patterns.get(pattern_key(patterns, path), config.get(field, default))
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise AdapterFormatError(f"{field} for {path} must be a number, got {value!r}")
+    return value
+
+
+def take(params: dict[str, Tensor], path: str, name: str, shape: tuple[int, ...]) -> Tensor:
+    if name not in params:
+        raise AdapterFormatError(f"module {path} lacks {name}")
+    return expect_shape(f"{path}.{name}", params[name], shape)
+
+
+def vera_projections(config: dict, shared: dict[str, Tensor], shapes: list[tuple[int, int]]) -> tuple[Tensor, Tensor]:
+    """VeRA's frozen A [r, max_in] and B [max_out, r], shared by every adapted layer (each
+    slices its own [:, :in] / [:out, :]). Saved by default; with save_projection=false PEFT
+    regenerates them from projection_prng_key, and so do we, the same way."""
+    r = config_int(config, "r")
+    max_in, max_out = max(s[0] for s in shapes), max(s[1] for s in shapes)
+    if config.get("save_projection", True):
+        missing = [k for k in VERA_PROJECTIONS if k not in shared]
+        if missing:
+            raise AdapterFormatError(f"VeRA adapter_config.json says save_projection=true but {missing[0]} is missing")
+        A, B = shared["base_model.vera_A"], shared["base_model.vera_B"]
+        if A.dim() != 2 or A.shape[0] != r or A.shape[1] < max_in:
+            raise AdapterIncompatible(f"tensor base_model.vera_A has shape {list(A.shape)}, the adapted layers need "
+                                      f"[{r}, >= {max_in}]")
+        if B.dim() != 2 or B.shape[1] != r or B.shape[0] < max_out:
+            raise AdapterIncompatible(f"tensor base_model.vera_B has shape {list(B.shape)}, the adapted layers need "
+                                      f"[>= {max_out}, {r}]")
+        return A, B
+    key = config.get("projection_prng_key", 0)
+    if not isinstance(key, int) or isinstance(key, bool):
+        raise AdapterFormatError(f"projection_prng_key must be an integer, got {key!r}")
+    generator = torch.Generator(device="cpu").manual_seed(key)
+    return kaiming_uniform((r, max_in), generator), kaiming_uniform((max_out, r), generator)
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tensor:
+    """PEFT's VeRA init: U(-b, b) with b = sqrt(3) * sqrt(2) / sqrt(fan_in), fan_in = shape[1]."""
+    bound = math.sqrt(3.0) * (math.sqrt(2) / math.sqrt(shape[1]))
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def vera_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], config: dict,
+                projections: tuple[Tensor, Tensor]) -> LoRA:
+    """VeRA: y += lambda_b * ((lambda_d * (x @ A[:, :in].T)) @ B[:out, :].T), i.e. the LoRA
+    A' = diag(lambda_d) A[:, :in], B' = diag(lambda_b) B[:out, :], scale 1 (no alpha)."""
+    fan_in, fan_out = shape
+    A, B = projections
+    r = A.shape[0]
+    lambda_b = take(params, path, "vera_lambda_b", (fan_out,))
+    lambda_d = take(params, path, "vera_lambda_d", (r,))
+    return as_lora.low_rank(lambda_b[:, None] * B[:fan_out], lambda_d[:, None] * A[:, :fan_in], 1.0)
+
+
+def loha_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], config: dict) -> LoRA:
+    """LoHa: dW = ((w1a @ w1b) * (w2a @ w2b)) * alpha / r, r and alpha per module (patterns)."""
+    fan_in, fan_out = shape
+    r = patterned(config, path, "rank_pattern", "r", 8)
+    alpha = patterned(config, path, "alpha_pattern", "alpha", 8)
+    w1a, w2a = (take(params, path, n, (fan_out, r)) for n in ("hada_w1_a", "hada_w2_a"))
+    w1b, w2b = (take(params, path, n, (r, fan_in)) for n in ("hada_w1_b", "hada_w2_b"))
+    return as_lora.hadamard(w1a, w1b, w2a, w2b, alpha / r)
+
+
+def lokr_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], config: dict) -> LoRA:
+    """LoKr: dW = kron(W1, W2) * alpha / r, each factor full (lokr_w1) or low-rank
+    (lokr_w1_a @ lokr_w1_b); r and alpha per module (patterns) set the scale even where both
+    factors are full. W1 [a1, b1], W2 [a2, b2] with a1*a2 = out, b1*b2 = in."""
+    fan_in, fan_out = shape
+    r = patterned(config, path, "rank_pattern", "r", 8)
+    alpha = patterned(config, path, "alpha_pattern", "alpha", 8)
+
+    def factor(n: int) -> tuple:
+        full, a, b = (params.get(f"lokr_w{n}{suffix}") for suffix in ("", "_a", "_b"))
+        if full is not None and a is None and b is None and full.dim() == 2:
+            return full, None, None
+        if full is None and a is not None and b is not None and a.dim() == 2 and b.dim() == 2 and a.shape[1] == b.shape[0]:
+            return None, a, b
+        raise AdapterFormatError(f"module {path}: LoKr factor {n} needs lokr_w{n} or both lokr_w{n}_a and lokr_w{n}_b")
+
+    w1, w2 = factor(1), factor(2)
+    rows = [f[0].shape[0] if f[0] is not None else f[1].shape[0] for f in (w1, w2)]
+    cols = [f[0].shape[1] if f[0] is not None else f[2].shape[1] for f in (w1, w2)]
+    if rows[0] * rows[1] != fan_out or cols[0] * cols[1] != fan_in:
+        raise AdapterIncompatible(f"module {path}: kron of LoKr factors {rows[0]}x{cols[0]} and {rows[1]}x{cols[1]} "
+                                  f"is {rows[0] * rows[1]}x{cols[0] * cols[1]}, the base layer is {fan_out}x{fan_in}")
+    return as_lora.kronecker(w1, w2, alpha / r)
+
+
+def adalora_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], config: dict) -> LoRA | None:
+    """AdaLoRA (SVD-form LoRA): y += (x @ (A * E).T @ B.T) * alpha / (ranknum + 1e-5).
+
+    The saved tensors are already cut to the ranks kept by the rank allocation (rank_pattern
+    in the config records the masks); ranknum stays init_r, the rank the layer was created
+    with, so the scale is alpha / init_r even after pruning (PEFT resize_modules_by_rank_pattern).
+    With lora_alpha <= 0 the numerator is the layer's rank. A module cut to rank 0 adds nothing."""
+    fan_in, fan_out = shape
+    init_r = config_int(config, "init_r")
+    A = params.get("lora_A")
+    k = A.shape[0] if A is not None and A.dim() == 2 else -1
+    A = take(params, path, "lora_A", (k, fan_in))
+    E = take(params, path, "lora_E", (k, 1))
+    B = take(params, path, "lora_B", (fan_out, k))
+    if k > init_r:
+        raise AdapterFormatError(f"module {path} has rank {k}, more than init_r={init_r}")
+    if k == 0:
+        return None
+    alpha = config.get("lora_alpha", 8)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        raise AdapterFormatError(f"lora_alpha must be a number, got {alpha!r}")
+    numerator = alpha if alpha > 0 else float(k if config.get("rank_pattern") else init_r)
+    return LoRA(A=(A * E).contiguous(), B=B.contiguous(), scale=float(numerator / (init_r + 1e-5)))
 
 
 def ia3_effect(path: str, shape: tuple[int, int], params: dict[str, Tensor], config: dict) -> Scale:

@@ -290,6 +290,9 @@ class RemoteRegistry:
     def stats(self) -> dict:
         return self._op("stats")
 
+    def check_free(self, name: str) -> None:
+        self._op("check_free", name, key=self.key(name))
+
     def add(self, name: str, directory, format: str | None = None):
         """Validated and stored by the replica the adapter will route to (the staging folder is
         on the shared store, so every replica can read it)."""

@@ -160,13 +160,13 @@ class EngineReplica:
 
     # ------------------------------------------------------------------ the registry
     async def registry(self, op: str, *args) -> Any:
-        """names | models | status NAME | statuses | stats | add NAME DIR FORMAT | delete NAME |
-        forget NAME (drop a copy another replica deleted; a stat shows it is gone)."""
+        """names | models | status NAME | statuses | stats | check_free NAME | add NAME DIR FORMAT |
+        delete NAME | forget NAME (drop a copy another replica deleted; a stat shows it is gone)."""
         registry = self.engine.registry
         try:
             if op == "forget":
                 return await asyncio.to_thread(registry.refresh, *args)
-            if op not in ("names", "models", "status", "statuses", "stats", "add", "delete"):
+            if op not in ("names", "models", "status", "statuses", "stats", "check_free", "add", "delete"):
                 raise ValueError(f"unknown registry operation {op!r}")
             return await asyncio.to_thread(getattr(registry, op), *args)
         except AdapterRuntimeError as e:
