@@ -274,7 +274,7 @@ def test_metrics_per_replica(cluster):
     from prometheus_client.parser import text_string_to_metric_families
 
     time.sleep(1.5)  # one sync: the ingress shows what the replicas counted
-    families = {f.name: f for f in text_string_to_metric_families(httpx.get(cluster.url + "/metrics", timeout=30).text)}
+    families = {f.name: f for f in text_string_to_metric_families(cluster.user.get("/metrics").text)}
     replicas = {r["replica"] for r in cluster.health()["replicas"]}
     ratio = families["adapter_server_replica_device_cache_hit_ratio"]
     assert {s.labels["replica"] for s in ratio.samples} == replicas and all(0 <= s.value <= 1 for s in ratio.samples)
