@@ -231,8 +231,9 @@ def test_sigkill_of_a_replica_mid_stream(cluster, oracle, eight):  # noqa: F811
                     else:
                         chunks.append(chunk["choices"][0])
                         if not victim:
-                            running = [s for s in cluster.each_replica("snapshot") if s.engine["running"]]
-                            victim.update(replica=running[0].replica, pid=running[0].pid)
+                            snaps = cluster.each_replica("snapshot")
+                            running = [s for s in snaps if s.engine["running"]]
+                            victim.update(replica=running[0].replica, pid=running[0].pid, before={s.replica for s in snaps})
                             os.kill(running[0].pid, signal.SIGKILL)
         finished.append(True)
 
@@ -250,8 +251,7 @@ def test_sigkill_of_a_replica_mid_stream(cluster, oracle, eight):  # noqa: F811
     # Ray Serve brings a replacement up; it serves the same adapters with the same outputs
     h = cluster.wait(lambda h: len(h["replicas"]) == 2 and victim["replica"] not in {r["replica"] for r in h["replicas"]},
                      "a replacement replica")
-    replacement = next(r["replica"] for r in h["replicas"] if r["pid"] != victim["pid"] and r["replica"] != victim["replica"]
-                       and r["device_hits"] + r["device_misses"] == 0)
+    (replacement,) = {r["replica"] for r in h["replicas"]} - victim["before"]
     for i in range(LORA_SETS):  # spread over both replicas: the replacement takes some
         assert cluster.text(f"aff{i}") == text_of(refs[f"set{i % LORA_SETS}"])
     served = {s.replica: s.device_hits + s.device_misses for s in cluster.each_replica("snapshot")}

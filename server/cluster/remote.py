@@ -347,11 +347,12 @@ class RemoteHandle:
             done()
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        received, retries = 0, 0
+        received, retries, first = 0, 0, True
         while True:
             try:
                 async for event in self._stream:
-                    if not received and event.token_ids and self._engine.hooks.first_token is not None:
+                    if first and event.token_ids and self._engine.hooks.first_token is not None:
+                        first = False  # time to first token, end to end through the cluster
                         self._engine.hooks.first_token(self.request, time.monotonic() - self.submitted)
                     received += 1
                     last = event.finish_reason is not None or event.error is not None
