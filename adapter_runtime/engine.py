@@ -76,6 +76,8 @@ class TokenLogprob:
     logprob: float | None  # None for the first prompt token (nothing predicts it)
     top: dict[str, float] | None
     offset: int  # character offset of the token in the returned text
+    token_id: int = -1
+    top_ids: tuple[tuple[int, float], ...] = ()  # the n most likely (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: AdapterRuntimeError | None = None
+    cumulative_logprob: float = 0.0  # last event: sum of the generated tokens' log-probabilities
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None
+    cumulative_logprob: float = 0.0  # what best_of ranks by
 
 
 def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
@@ -114,6 +118,7 @@ def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         logprobs=tuple(lp for e in events for lp in e.logprobs) if with_logprobs else None,
+        cumulative_logprob=last.cumulative_logprob,
     )
 
 
@@ -186,7 +191,7 @@ class _Running:
     handle: RequestHandle
     slot: int
     layout: layout.RowLayout
-    generator: torch.Generator
+    sampler: sampling.SamplingState
     detok: sampling.Detokenizer
     cached: int = 0  # tokens (virtual + prompt + generated) written to the cache
     last: int = 0  # the newest generated token, not yet in the cache
@@ -327,7 +332,7 @@ class Engine:
 
     def validate(self, request: Request) -> None:
         p = request.params
-        sampling.check(p)
+        sampling.check(p, self.info.vocab_size)
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.info.vocab_size]
@@ -407,7 +412,9 @@ class Engine:
         for handle in handles:
             req, p = handle.request, handle.request.params
             lay = layout.row_layout(req.setup)
-            r = _Running(handle, heapq.heappop(self._free), lay, sampling.make_generator(p.seed, self.device),
+            r = _Running(handle, heapq.heappop(self._free), lay,
+                         sampling.SamplingState(p, req.prompt_ids, self.info.vocab_size, self.loaded.eos_token_ids,
+                                                self.device),
                          sampling.Detokenizer(self.tokenizer, () if p.echo else req.prompt_ids))
             self._running.append(r)
             try:
@@ -445,7 +452,7 @@ class Engine:
                 if p.max_tokens == 0:
                     self._finish(r, "length")
                     continue
-                self._accept(r, sampling.next_tokens(row[-1:], [p], [r.generator])[0], row[-1])
+                self._accept(r, sampling.choose(row[-1:], [r.sampler])[0], row[-1])
             except Exception as e:
                 self._fail(r, e)
 
@@ -472,7 +479,7 @@ class Engine:
         logits = self.model(batch, self.cache)[:, -1].float()  # [B, V]
         for r in rows:
             r.cached += 1
-        tokens = sampling.next_tokens(logits, [r.params for r in rows], [r.generator for r in rows])
+        tokens = sampling.choose(logits, [r.sampler for r in rows])
         for b, (r, token) in enumerate(zip(rows, tokens)):
             try:
                 self._accept(r, token, logits[b])
@@ -571,7 +578,7 @@ class Engine:
         for t, v in top:  # most likely first: tokens that decode alike keep the highest logprob
             alternatives.setdefault(self._token_str(t), v)
         alternatives.setdefault(self._token_str(token), lp)  # the chosen token, as OpenAI lists it
-        return TokenLogprob(self._token_str(token), lp, alternatives, offset)
+        return TokenLogprob(self._token_str(token), lp, alternatives, offset, token, tuple(top))
 
     def _emit_prompt(self, r: _Running, logits: Tensor | None) -> None:
         """Echo: the prompt's text and, with logits [P, V], each prompt token's logprob
@@ -581,7 +588,7 @@ class Engine:
         for i, token in enumerate(r.request.prompt_ids):
             if logits is not None:
                 if i == 0:
-                    entries.append(TokenLogprob(self._token_str(token), None, None, len(text)))
+                    entries.append(TokenLogprob(self._token_str(token), None, None, len(text), token))
                 else:
                     entries.append(self._logprob(logits[i - 1], token, n, len(text)))
             text += r.detok.push(token)
@@ -609,7 +616,8 @@ class Engine:
                 finish = "length"
         if finish:
             r.text += r.detok.flush()  # an unfinished character at the very end becomes U+FFFD
-        if p.stop and (cut := sampling.find_stop(r.text, p.stop, start)) is not None:
+        stops = p.stop if len(r.generated) >= p.min_tokens else ()  # vLLM: no stop string before min_tokens
+        if stops and (cut := sampling.find_stop(r.text, stops, start)) is not None:
             r.text, finish = r.text[:cut], "stop"
         # hold back a tail that could still become a stop string
         safe = len(r.text) if finish or not p.stop else max(len(r.text) - p.max_stop_len + 1, r.emitted)
@@ -637,7 +645,7 @@ class Engine:
         self._release(r)
         self._hook(self.hooks.finished, r.request, len(r.request.prompt_ids), len(r.generated))
         r.handle._push(replace(last, finish_reason=reason, prompt_tokens=len(r.request.prompt_ids),
-                               completion_tokens=len(r.generated)))
+                               completion_tokens=len(r.generated), cumulative_logprob=r.sampler.cumulative_logprob))
 
     def _fail(self, r: _Running, error: Exception) -> None:
         if not isinstance(error, AdapterRuntimeError):

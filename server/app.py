@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
-from . import auth, errors, routes, routes_adapters, routes_compose, routes_merge
+from . import auth, errors, routes, routes_adapters, routes_chat, routes_compose, routes_merge, routes_tokenize
 from .limits import StreamLimiter
 from .metrics import Metrics
 from .middleware import RequestContext
@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         eng = engine if engine is not None else build_engine(settings)
+        app.state.chat_template = routes_chat.load_chat_template(settings.chat_template, eng.tokenizer)
         app.state.metrics.attach(eng)
         app.state.engine = eng.start()
         app.state.created = int(time.time())
@@ -73,6 +74,8 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     app.include_router(routes_adapters.router)
     app.include_router(routes_merge.router)
     app.include_router(routes_compose.router)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_tokenize.router)
     return app
 
 

@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
                    "(default: 1 where the cluster has GPUs)")
     c.add_argument("--routing", choices=["affinity", "random"], help="send requests to a replica holding "
                    "their adapters (default) or anywhere")
+    s.add_argument("--chat-template", dest="chat_template", metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", dest="log_format", choices=["text", "json"])
     return p

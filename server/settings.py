@@ -47,6 +47,7 @@ class Settings:
     replica_cpus: float = 1.0  # CPUs per engine replica (also its torch threads)
     replica_gpus: float | None = None  # GPUs per engine replica; None = 1 where the cluster has GPUs
     routing: str = "affinity"  # "affinity" (by adapter set, server/cluster/routing.py) | "random" (uniform, a baseline)
+    chat_template: str | None = None  # Jinja chat template file for /v1/chat/completions; None = the tokenizer's
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
