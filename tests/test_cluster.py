@@ -120,6 +120,16 @@ class Cluster:
         assert self.server.stop() == 0, self.server.log()[-3000:]
 
 
+def argmax_ids(model, ids: list[int], steps: int = STEPS) -> list[int]:
+    import torch
+
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[-steps:]
+
+
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, request):
     """Starts before the oracle adapters are made (both take a while), then serves them: the
@@ -169,6 +179,20 @@ def test_the_lifecycle_scenario_answers_through_the_cluster_like_the_libraries(c
     assert cluster.complete("ghost", stream=True).status_code == 404
     assert cluster.complete("peft-lora", stream=True, max_tokens=MAX_SEQ_LEN).status_code == 400
     assert cluster.user.post("/v1/adapters", data={"name": "x"}).status_code == 403
+
+    # chat and the tokenizer endpoints (the ingress tokenizes and renders with its own copy)
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cluster.flags["model"])
+    messages = [{"role": "user", "content": "Hello there"}]
+    ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    lora = PeftModel.from_pretrained(hf_model("llama"), root / "peft-lora").eval()
+    chat = cluster.user.post("/v1/chat/completions", json={"model": "peft-lora", "messages": messages, "max_tokens": STEPS,
+                                                           "temperature": 0, "ignore_eos": True})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == tok.decode(argmax_ids(lora, ids), skip_special_tokens=True)
+    assert cluster.user.post("/tokenize", json={"prompt": "Hello"}).json()["tokens"] == tok("Hello")["input_ids"]
 
     # delete, then upload again under the same name: every replica serves the new copy
     assert cluster.admin.delete("/v1/adapters/peft-lora").json()["deleted"] is True
