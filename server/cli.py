@@ -36,6 +36,16 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
     s.add_argument("--shutdown-grace-s", type=float, dest="shutdown_grace_s",
                    help="on SIGTERM, running requests get this many seconds to finish (default 10)")
+    c = s.add_argument_group("scale-out on Ray Serve (pip install 'adapter-server[cluster]')")
+    c.add_argument("--replicas", type=int, help="run N engine replicas behind this API on Ray Serve")
+    c.add_argument("--max-replicas", type=int, dest="max_replicas", help="autoscale from --replicas up to this many")
+    c.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster ('auto': this node's) "
+                   "instead of starting a local instance")
+    c.add_argument("--replica-cpus", type=float, dest="replica_cpus", help="CPUs per engine replica (default 1)")
+    c.add_argument("--replica-gpus", type=float, dest="replica_gpus", help="GPUs per engine replica "
+                   "(default: 1 where the cluster has GPUs)")
+    c.add_argument("--routing", choices=["affinity", "random"], help="send requests to a replica holding "
+                   "their adapters (default) or anywhere")
     s.add_argument("--chat-template", dest="chat_template", metavar="FILE",
                    help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
@@ -60,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .auth import bind_host
 
     settings = bind_host(settings)
+
+    if settings.replicas is not None or settings.ray_address or settings.max_replicas:
+        from . import cluster
+
+        return cluster.run(settings)
 
     from .app import create_app
 
