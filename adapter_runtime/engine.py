@@ -86,6 +86,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: tuple[TokenLogprob, ...] | None
+    cumulative_logprob: float = 0.0  # what best_of ranks by
 
 
 def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
@@ -101,6 +102,7 @@ def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
         logprobs=tuple(lp for e in events for lp in e.logprobs) if with_logprobs else None,
+        cumulative_logprob=last.cumulative_logprob,
     )
 
 
@@ -174,7 +176,7 @@ class _Active:
     seq: Seq
     row: RowState
     output: RequestOutput
-    generator: torch.Generator
+    sampler: sampling.SamplingState
     first_token_seen: bool = False
 
     @property
@@ -314,7 +316,7 @@ class Engine:
 
     def validate(self, request: Request) -> None:
         p = request.params
-        sampling.check(p)
+        sampling.check(p, self.info.vocab_size)
         if not request.prompt_ids:
             raise InvalidRequest("the prompt is empty")
         bad = [t for t in request.prompt_ids if not 0 <= t < self.info.vocab_size]
@@ -368,7 +370,8 @@ class Engine:
         row = RowState([0] * lay.virtual_tokens + list(req.prompt_ids), req.setup, lay,
                        all_logits=p.echo and p.logprobs is not None)
         output = RequestOutput(req.prompt_ids, p, self.tokenizer, self.loaded.eos_token_ids, handle._push)
-        state = _Active(handle, seq, row, output, sampling.make_generator(p.seed, self.device))
+        sampler = sampling.SamplingState(p, req.prompt_ids, self.info.vocab_size, self.loaded.eos_token_ids, self.device)
+        state = _Active(handle, seq, row, output, sampler)
         self._active[id(seq)] = state
         try:
             prefix_method.write(self.cache, seq.slot, req.setup, self.info.num_layers)
@@ -415,8 +418,7 @@ class Engine:
             takers.append((state, rows_logits[-1]))
         if not takers:
             return
-        tokens = sampling.next_tokens(torch.stack([t[1] for t in takers]), [s.params for s, _ in takers],
-                                      [s.generator for s, _ in takers])
+        tokens = sampling.choose(torch.stack([t[1] for t in takers]), [s.sampler for s, _ in takers])
         for (state, row_logits), token in zip(takers, tokens):
             try:
                 self._accept(state, token, row_logits)
@@ -528,7 +530,8 @@ class Engine:
             return
         prompt, completion = len(state.request.prompt_ids), len(state.output.generated)
         self._hook(self.hooks.finished, state.request, prompt, completion)
-        state.handle._push(replace(last, finish_reason=reason, prompt_tokens=prompt, completion_tokens=completion))
+        state.handle._push(replace(last, finish_reason=reason, prompt_tokens=prompt, completion_tokens=completion,
+                                   cumulative_logprob=state.sampler.cumulative_logprob))
 
     def _fail(self, state: _Active, error: Exception) -> None:
         if not isinstance(error, AdapterRuntimeError):

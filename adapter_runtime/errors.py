@@ -6,7 +6,11 @@ class AdapterRuntimeError(Exception):
 
 
 class InvalidRequest(AdapterRuntimeError):
-    """The request itself is malformed or out of bounds (400)."""
+    """The request itself is malformed or out of bounds (400); `param` names the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class AdapterNotFound(AdapterRuntimeError):

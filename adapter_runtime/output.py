@@ -20,6 +20,8 @@ class TokenLogprob:
     logprob: float | None  # None for the first prompt token (nothing predicts it)
     top: dict[str, float] | None
     offset: int  # character offset of the token in the returned text
+    token_id: int = -1
+    top_ids: tuple[tuple[int, float], ...] = ()  # the n most likely (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Exception | None = None
+    cumulative_logprob: float = 0.0  # last event: sum of the generated tokens' log-probabilities
 
 
 class RequestOutput:
@@ -63,7 +66,7 @@ class RequestOutput:
         for t, v in top:  # most likely first: tokens that decode alike keep the highest logprob
             alternatives.setdefault(self._token_str(t), v)
         alternatives.setdefault(self._token_str(token), lp)  # the chosen token, as OpenAI lists it
-        return TokenLogprob(self._token_str(token), lp, alternatives, offset)
+        return TokenLogprob(self._token_str(token), lp, alternatives, offset, token, tuple(top))
 
     def prompt_chunk(self, start: int, logits: Tensor | None) -> None:
         """Echo: prompt tokens start.. (as many as rows of logits [n, V], or all the rest without
@@ -75,7 +78,8 @@ class RequestOutput:
             token = self.prompt_ids[i]
             if logits is not None:
                 if i == 0:
-                    self.prompt_entries.append(TokenLogprob(self._token_str(token), None, None, len(self._prompt_text)))
+                    self.prompt_entries.append(TokenLogprob(self._token_str(token), None, None, len(self._prompt_text),
+                                                            token))
                 else:
                     self.prompt_entries.append(self._logprob(logits[i - 1 - start], token, n, len(self._prompt_text)))
             self._prompt_text += self.detok.push(token)
@@ -103,7 +107,8 @@ class RequestOutput:
                 finish = "length"
         if finish:
             self.text += self.detok.flush()  # an unfinished character at the very end becomes U+FFFD
-        if p.stop and (cut := sampling.find_stop(self.text, p.stop, start)) is not None:
+        stops = p.stop if len(self.generated) >= p.min_tokens else ()  # vLLM: no stop string before min_tokens
+        if stops and (cut := sampling.find_stop(self.text, stops, start)) is not None:
             self.text, finish = self.text[:cut], "stop"
         # hold back a tail that could still become a stop string
         safe = len(self.text) if finish or not p.stop else max(len(self.text) - p.max_stop_len + 1, self.emitted)

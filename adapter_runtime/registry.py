@@ -23,16 +23,23 @@ delete are one step under the registry's lock, so a merge racing a delete ends e
 
 Stored adapters made for another base model (`AdapterStore.foreign`) are not served: a request
 naming one gets 422, and its name cannot be taken (409), both naming the two models.
+
+A store shared with other servers (the replicas of a cluster, server/cluster/) sets `shared`:
+then every lookup first checks the adapter's meta.json on disk (one stat while nothing changed)
+and every listing the store folder's mtime, so that what another server deleted answers 404
+here at once and what it added is servable here right away (`refresh`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -125,15 +132,20 @@ class AdapterRegistry:
         self.store: AdapterStore | None = None
         self.limits = limits
         self.observer: CacheObserver | None = None  # e.g. the server's metrics
+        self.shared = False  # other servers write the store too: re-validate against it (`refresh`)
+        self._seen: dict[str, tuple | None] = {}  # name -> meta.json signature when last read
+        self._generation: int | None = None  # the store folder's mtime at the last full refresh
         if store is not None:
             self.attach(store, limits)
 
     def attach(self, store: AdapterStore, limits: CacheLimits) -> None:
         """Serve every adapter of `store` (read at once), with these cache limits."""
         stored = {m.name: m for m in store.scan() if m.name != self.base_name}
+        seen = {name: meta_signature(store.path(name)) for name in stored}
         with self._lock:
             self.store, self.limits = store, limits
             self._stored.update(stored)
+            self._seen.update(seen)
             self._foreign.update(store.foreign)
 
     # ------------------------------------------------------------------ adding and removing
@@ -148,6 +160,7 @@ class AdapterRegistry:
     def check_free(self, name: str) -> None:
         """Raise what adding `name` now would raise (invalid name, the base model's name, taken)."""
         check_name(name)
+        self.refresh(name)
         with self._lock:
             self._check_free(name)
 
@@ -164,13 +177,16 @@ class AdapterRegistry:
         if self.store is None:
             raise InvalidRequest("this server has no adapter store")
         check_name(name)
+        self.refresh(name)
         with self._lock:
             self._check_free(name)
             self._writing.add(name)
         try:
             meta, adapter = self.store.add(name, directory, format)
+            signature = meta_signature(self.store.path(name))
             with self._lock:
                 self._stored[name] = meta
+                self._seen[name] = signature
                 self._host.put(name, adapter)
                 self._evict()
         finally:
@@ -180,6 +196,7 @@ class AdapterRegistry:
 
     def delete(self, name: str) -> None:
         """Forget `name` now; requests that hold it finish with their own reference."""
+        self.refresh(name)
         with self._lock:
             if self._merged is not None and self._merged[0] == name:
                 raise AdapterConflict(f"adapter {name!r} is merged into the base weights; reset before deleting it")
@@ -196,11 +213,13 @@ class AdapterRegistry:
             self._device.pop(name)
             self._pins.pop(name, None)
             self._served.pop(name, None)
+            self._seen.pop(name, None)
         if stored is not None:
             self.store.delete(name)
 
     # ------------------------------------------------------------------ lookups
     def names(self) -> list[str]:
+        self.refresh_all()
         with self._lock:
             return sorted([*self._static, *self._stored])
 
@@ -236,6 +255,7 @@ class AdapterRegistry:
     def get(self, name: str, pin: bool = False) -> Adapter:
         """The adapter on the model's device, loaded from host or disk if needed. Concurrent
         requests for the same uncached adapter load it once: the others wait for that load."""
+        self.refresh(name)
         while True:
             with self._lock:
                 found = self._static.get(name) or self._device.get(name)
@@ -344,10 +364,12 @@ class AdapterRegistry:
 
     # ------------------------------------------------------------------ status
     def status(self, name: str) -> AdapterStatus:
+        self.refresh(name)
         with self._lock:
             return self._status(name)
 
     def statuses(self) -> list[AdapterStatus]:
+        self.refresh_all()
         with self._lock:
             return [self._status(n) for n in sorted([*self._static, *self._stored])]
 
@@ -363,8 +385,81 @@ class AdapterRegistry:
         return AdapterStatus(name, meta.format, meta.method, meta.parameters, meta.bytes, location,
                              self._pins[name] > 0, self._served[name], meta.created)
 
+    def resident(self) -> list[str]:
+        """Names whose weights are on the device now (what a cluster's router prefers)."""
+        with self._lock:
+            return sorted([*self._static, *self._device.items])
+
     def stats(self) -> dict:
+        self.refresh_all()
         with self._lock:
             return {"adapters": len(self._static) + len(self._stored), "device_adapters": len(self._device.items),
                     "device_bytes": self._device.bytes, "host_adapters": len(self._host.items),
                     "host_bytes": self._host.bytes, "pinned": sum(n > 0 for n in self._pins.values())}
+
+    # ------------------------------------------------------------------ a store other servers write too
+    def refresh(self, name: str) -> None:
+        """With `shared`: align `name` with the store on disk. One stat of its meta.json while
+        nothing changed; a copy deleted or replaced by another server leaves the caches here
+        (like `delete`, running requests keep their reference), one added there is picked up."""
+        if not self.shared or self.store is None:
+            return
+        signature = meta_signature(self.store.path(name))
+        with self._lock:
+            if name in self._static or name in self._writing or self._seen.get(name, ()) == signature:
+                return
+            if signature is None and name not in self._stored and name not in self._foreign:
+                return  # an unknown name stays unknown (and unrecorded)
+        meta, foreign = None, None
+        if signature is not None:
+            try:
+                meta = self.store.read(name)
+                foreign = self.store.foreign_reason(meta)
+            except Exception as e:  # unreadable: not served here, as a start would skip it
+                log.warning("stored adapter %r is unreadable: %s", name, e)
+        with self._lock:
+            self._seen[name] = signature
+            if meta is not None and foreign is None and self._stored.get(name) == meta:
+                return
+            self._host.pop(name)
+            self._device.pop(name)
+            self._pins.pop(name, None)
+            self._foreign.pop(name, None)
+            if meta is None or foreign is not None or meta.name == self.base_name:
+                self._stored.pop(name, None)
+                self._served.pop(name, None)
+                if foreign is not None:
+                    self._foreign[name] = foreign  # made for another base model: 422, as at a start
+                else:
+                    self._seen.pop(name, None)
+            else:
+                self._stored[name] = meta
+
+    def refresh_all(self) -> None:
+        """With `shared`: `refresh` every name on disk or known here, when the store folder
+        changed (its mtime moves with every publish and delete, which are renames in it)."""
+        if not self.shared or self.store is None:
+            return
+        try:
+            generation = os.stat(self.store.root).st_mtime_ns
+        except OSError:
+            return
+        with self._lock:
+            if generation == self._generation:
+                return
+            known = set(self._stored)
+        on_disk = {e.name for e in self.store.root.iterdir() if not e.name.startswith(".") and e.is_dir()}
+        for name in sorted(known | on_disk):
+            self.refresh(name)
+        with self._lock:
+            self._generation = generation
+
+
+def meta_signature(folder: Path) -> tuple | None:
+    """What changes when a stored adapter is published anew under the same name (a new folder
+    renamed into place): its meta.json's inode, mtime and size; None if there is none."""
+    try:
+        st = os.stat(folder / "meta.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -279,6 +279,10 @@ class AdapterStore:
             meta = replace(meta, uid=content_uid(folder, {weights.name: meta.sha256}))
         return meta
 
+    def read(self, name: str) -> StoredAdapter:
+        """The metadata of one stored adapter, checked like `scan` checks it."""
+        return self._read_meta(self.path(name))
+
     def add(self, name: str, src: Path, format: str | None = None) -> tuple[StoredAdapter, Adapter]:
         """Normalize, validate against the base model, and publish `src` as `name`, atomically.
         The caller guarantees no other writer uses `name` at the same time."""

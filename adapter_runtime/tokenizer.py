@@ -1,11 +1,35 @@
-"""Tokenizers: the embedded byte-level tokenizer, and HF tokenizers from a model directory."""
+"""Tokenizers: the embedded byte-level tokenizer (with its chat template), HF tokenizers from
+a model directory, and chat messages rendered into prompt token ids."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InvalidRequest
 
 EOS_TOKEN = "<|endoftext|>"
+
+# The byte-level tokenizer's chat template (so that the embedded default model chats with no
+# flags). Plain-text role markers, one message per block; an assistant turn ends with the
+# end-of-text token, which is what stops generation. Two turns and the generation prompt:
+#   "<|system|>\nBe terse.\n<|user|>\nHi\n<|assistant|>\nHello<|endoftext|>\n<|user|>\nAgain\n<|assistant|>\n"
+BYTE_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|' + message['role'] + '|>\\n' + message['content'] }}"
+    "{%- if message['role'] == 'assistant' %}{{- eos_token }}{% endif %}"
+    "{{- '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{% endif %}"
+)
+
+# apply_chat_template's own arguments: never taken from a request's chat_template_kwargs
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs",
+})
 
 
 @lru_cache(maxsize=1)
@@ -35,7 +59,8 @@ def build_byte_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=EOS_TOKEN
+        tokenizer_object=core, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN, unk_token=EOS_TOKEN, pad_token=EOS_TOKEN,
+        chat_template=BYTE_CHAT_TEMPLATE,
     )
 
 
@@ -44,3 +69,27 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def render_chat(tokenizer, messages: Sequence[dict[str, Any]], template: str, add_generation_prompt: bool = True,
+                continue_final_message: bool = False, add_special_tokens: bool = False,
+                template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Chat messages -> prompt token ids, through transformers' `apply_chat_template` (a
+    sandboxed Jinja environment): the template renders the text, which is then tokenized
+    (without special tokens unless asked: templates write their own BOS). A template that
+    fails on these messages is the request's fault: InvalidRequest."""
+    from jinja2 import TemplateError
+
+    kwargs = dict(template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & kwargs.keys())
+    if reserved:
+        raise InvalidRequest(f"chat_template_kwargs must not set {', '.join(reserved)}")
+    if add_generation_prompt and continue_final_message:
+        raise InvalidRequest("add_generation_prompt and continue_final_message cannot both be true")
+    try:
+        text = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt,
+                                             continue_final_message=continue_final_message, **kwargs)
+    except (TemplateError, ValueError, TypeError, KeyError, IndexError) as e:
+        raise InvalidRequest(f"the chat template cannot render these messages: {type(e).__name__}: {e}") from None
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])

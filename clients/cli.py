@@ -14,8 +14,15 @@ import sys
 import time
 from typing import Any, Callable, Sequence, TextIO
 
+from rich import filesize
+from rich.console import Console
+from rich.progress import (BarColumn, DownloadColumn, Progress, ProgressColumn, TaskProgressColumn, TextColumn,
+                           TimeRemainingColumn)
+from rich.table import Column
+from rich.text import Text
+
 from .client import (ADMIN_KEY_ENV, API_KEY_ENV, DEFAULT_URL, URL_ENV, AdapterInfo, AdapterServerClient, AdapterServerError,
-                     AuthError, BadRequest, Conflict, ConnectionFailed, NotFound)
+                     AuthError, BadRequest, Conflict, ConnectionFailed, Health, NotFound)
 
 EXIT_OK, EXIT_SERVER, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_AUTH, EXIT_CONNECTION = range(7)
 
@@ -46,11 +53,12 @@ def print_json(value: Any, out: TextIO) -> None:
 
 
 def human_bytes(n: int | float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    """Binary units, labelled as such: 1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -62,11 +70,11 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def adapter_row(a: AdapterInfo) -> list[Any]:
     yes = lambda b: "yes" if b else "no"  # noqa: E731
-    return [a.id, a.format, a.method, f"{a.parameters:,}", human_bytes(a.bytes), yes(a.merged), yes(a.pinned),
-            a.requests_served]
+    return [a.id, a.format, a.method, f"{a.parameters:,}", human_bytes(a.bytes), a.location or "-", yes(a.merged),
+            yes(a.pinned), a.requests_served]
 
 
-ADAPTER_HEADER = ["NAME", "FORMAT", "METHOD", "PARAMS", "SIZE", "MERGED", "PINNED", "SERVED"]
+ADAPTER_HEADER = ["NAME", "FORMAT", "METHOD", "PARAMS", "SIZE", "TIER", "MERGED", "PINNED", "SERVED"]
 
 
 def adapter_details(a: AdapterInfo) -> str:
@@ -79,24 +87,81 @@ def adapter_details(a: AdapterInfo) -> str:
     return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in pairs)
 
 
-class ProgressBar:
-    """A one-line bar on stderr: `[#########-----------]  45%  1.2 MB / 2.6 MB`."""
+def health_rows(h: Health) -> list[list[Any]]:
+    """(field, value) rows of /health: nested groups flattened ("adapters: device bytes"), byte
+    counts in binary units."""
+    rows: list[list[Any]] = [["status", h.status], ["model", h.model]]
 
-    def __init__(self, label: str, out: TextIO, width: int = 30):
-        self.label, self.out, self.width = label, out, width
-        self.last = -1
+    def add(prefix: str, values: dict) -> None:
+        for key, value in values.items():
+            label = f"{prefix}{key.replace('_', ' ')}"
+            if isinstance(value, dict):
+                add(f"{label}: ", value)
+            else:
+                rows.append([label, human_bytes(value) if key.endswith("bytes") and isinstance(value, int) else value])
+
+    add("", h.stats)
+    return rows
+
+
+class BinarySpeedColumn(ProgressColumn):
+    """Transfer speed in binary units (MiB/s), like DownloadColumn(binary_units=True)."""
+
+    def render(self, task) -> Text:
+        if not task.speed:
+            return Text("", style="progress.data.speed")
+        unit, suffix = filesize.pick_unit_and_suffix(int(task.speed), ["B", "KiB", "MiB", "GiB"], 1024)
+        return Text(f"{task.speed / unit:.1f} {suffix}/s", style="progress.data.speed")
+
+
+class UploadProgress:
+    """Progress of an upload on stderr. On a terminal: one live line drawn by rich, fitted to
+    the terminal's width (the label is shortened first, the bar takes what is left). Not on a
+    terminal: nothing while it runs, one plain summary line at the end. Call it as
+    `progress(sent, total)`."""
+
+    def __init__(self, name: str, console: Console | None = None):
+        self.name = name
+        self.console = console or Console(stderr=True)
+        self.sent = self.total = 0
+        self.started = time.monotonic()
+        self.live: Progress | None = None
+        if self.console.is_terminal:
+            self.live = Progress(*self.columns(self.console.width), console=self.console, expand=True)
+            self.task = self.live.add_task(name, total=None)
+
+    @staticmethod
+    def columns(width: int) -> list[ProgressColumn]:
+        """Label, bar, percentage; sizes, speed and time left when the terminal has room. Every
+        column stays on one line; the label gives way first (ellipsis), then the bar."""
+        fixed = lambda: Column(no_wrap=True)  # noqa: E731
+        label = TextColumn("{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                      max_width=max(8, width // 3)))
+        columns: list[ProgressColumn] = [label, BarColumn(bar_width=None, table_column=Column(ratio=1, no_wrap=True)),
+                                         TaskProgressColumn(table_column=fixed())]
+        if width >= 72:
+            columns += [DownloadColumn(binary_units=True, table_column=fixed()), BinarySpeedColumn(table_column=fixed()),
+                        TimeRemainingColumn(table_column=fixed())]
+        return columns
 
     def __call__(self, sent: int, total: int) -> None:
-        percent = 100 if total == 0 else sent * 100 // total
-        if percent == self.last:
-            return
-        self.last = percent
-        filled = self.width * percent // 100
-        bar = "#" * filled + "-" * (self.width - filled)
-        self.out.write(f"\r{self.label} [{bar}] {percent:3d}%  {human_bytes(sent)} / {human_bytes(total)}")
-        if sent >= total:
-            self.out.write("\n")
-        self.out.flush()
+        self.sent, self.total = sent, total
+        if self.live is not None:
+            if not self.live.live.is_started:  # drawn from the first byte on: nothing if the upload never starts
+                self.live.start()
+            self.live.update(self.task, completed=sent, total=total)
+
+    def __enter__(self) -> "UploadProgress":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.live is not None:
+            if self.live.live.is_started:
+                self.live.stop()
+        elif exc_type is None:
+            seconds = time.monotonic() - self.started
+            self.console.print(f"uploaded {self.name}: {human_bytes(self.sent)} in {seconds:.1f} s", highlight=False,
+                               soft_wrap=True)
 
 
 # ---------------------------------------------------------------------------- commands
@@ -108,7 +173,7 @@ def cmd_health(client: AdapterServerClient, args: argparse.Namespace, out: TextI
     if args.json:
         print_json(h, out)
     else:
-        print(f"{h.status}  model={h.model}  " + "  ".join(f"{k}={v}" for k, v in sorted(h.stats.items())), file=out)
+        print(table(["FIELD", "VALUE"], health_rows(h)), file=out)
     return EXIT_OK
 
 
@@ -131,8 +196,11 @@ def show_adapter(info: AdapterInfo, args: argparse.Namespace, out: TextIO) -> in
 
 def cmd_upload(client: AdapterServerClient, args: argparse.Namespace, out: TextIO) -> int:
     show_bar = sys.stderr.isatty() if args.progress is None else args.progress
-    bar = ProgressBar(f"uploading {args.name}", sys.stderr) if show_bar else None
-    return show_adapter(client.upload_adapter(args.name, args.path, args.format, progress=bar), args, out)
+    if not show_bar:
+        return show_adapter(client.upload_adapter(args.name, args.path, args.format), args, out)
+    with UploadProgress(args.name) as progress:
+        info = client.upload_adapter(args.name, args.path, args.format, progress=progress)
+    return show_adapter(info, args, out)
 
 
 def cmd_register(client: AdapterServerClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -238,7 +306,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("path")
     s.add_argument("--format", choices=["adapterhub", "peft"], help="default: detected by the server")
     s.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bar on stderr (default: when stderr is a terminal)")
+                   help="progress on stderr: a bar on a terminal, else one summary line (default: on a terminal)")
 
     s = add("register", cmd_register, "add an adapter from a directory on the server's file system")
     s.add_argument("name")

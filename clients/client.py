@@ -204,8 +204,18 @@ def build(cls, data: dict) -> Any:
 
 
 def parse_choice(data: dict) -> Choice:
+    """A completion choice, or a chat one (`message` / stream `delta`: its content is the text)."""
     lp = data.get("logprobs")
-    return Choice(index=data.get("index", 0), text=data.get("text", ""), finish_reason=data.get("finish_reason"),
+    if "text" in data:
+        text = data["text"]
+    else:
+        text = (data.get("message") or data.get("delta") or {}).get("content") or ""
+    if lp and "content" in lp:  # chat's shape: one entry per token
+        entries = lp["content"] or []
+        lp = {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+              "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs", [])} for e in entries],
+              "text_offset": []}
+    return Choice(index=data.get("index", 0), text=text, finish_reason=data.get("finish_reason"),
                   logprobs=build(Logprobs, lp) if lp else None)
 
 
@@ -249,7 +259,17 @@ def parse_sse_line(line: str) -> Completion | None:
 # ---------------------------------------------------------------------------- request bodies
 def completion_body(prompt: str | Sequence[int] | Sequence[str], model: str, adapters: Sequence[str] | None,
                     stream: bool, params: dict[str, Any]) -> dict[str, Any]:
-    body = {"model": model, "prompt": prompt if isinstance(prompt, str) else list(prompt), "stream": stream}
+    return request_body({"prompt": prompt if isinstance(prompt, str) else list(prompt)}, model, adapters, stream, params)
+
+
+def chat_body(messages: Sequence[dict[str, Any]], model: str, adapters: Sequence[str] | None, stream: bool,
+              params: dict[str, Any]) -> dict[str, Any]:
+    return request_body({"messages": list(messages)}, model, adapters, stream, params)
+
+
+def request_body(input: dict[str, Any], model: str, adapters: Sequence[str] | None, stream: bool,
+                 params: dict[str, Any]) -> dict[str, Any]:
+    body = {"model": model, **input, "stream": stream}
     if adapters:
         body["adapters"] = list(adapters)
     body.update({k: v for k, v in params.items() if v is not None})
@@ -452,7 +472,24 @@ class AdapterServerClient:
                adapters: Sequence[str] | None = None, **params: Any) -> Iterator[Completion]:
         """The completion as chunks, as the server produces them (server-sent events)."""
         body = completion_body(prompt, model or self.base_model(), adapters, True, params)
-        response = self._send(self.http.build_request("POST", "/v1/completions", json=body), stream=True)
+        return self._events("/v1/completions", body)
+
+    def chat(self, messages: Sequence[dict[str, Any]], model: str | None = None, adapters: Sequence[str] | None = None,
+             **params: Any) -> Completion:
+        """A chat completion: `messages` ({"role", "content"} dicts) through the base model's chat
+        template; `.text` is the assistant's reply. `params`: any chat field (max_tokens,
+        temperature, n, seed, logprobs, top_logprobs, ...)."""
+        body = chat_body(messages, model or self.base_model(), adapters, False, params)
+        return parse_completion(self._json("POST", "/v1/chat/completions", body))
+
+    def chat_stream(self, messages: Sequence[dict[str, Any]], model: str | None = None,
+                    adapters: Sequence[str] | None = None, **params: Any) -> Iterator[Completion]:
+        """The chat reply as chunks (each choice's `text` is the new content)."""
+        body = chat_body(messages, model or self.base_model(), adapters, True, params)
+        return self._events("/v1/chat/completions", body)
+
+    def _events(self, path: str, body: dict) -> Iterator[Completion]:
+        response = self._send(self.http.build_request("POST", path, json=body), stream=True)
         try:
             for line in response.iter_lines():
                 chunk = parse_sse_line(line)
@@ -565,7 +602,22 @@ class AsyncAdapterServerClient:
     async def stream(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
                      adapters: Sequence[str] | None = None, **params: Any) -> AsyncIterator[Completion]:
         body = completion_body(prompt, model or await self.base_model(), adapters, True, params)
-        response = await self._send(self.http.build_request("POST", "/v1/completions", json=body), stream=True)
+        async for chunk in self._events("/v1/completions", body):
+            yield chunk
+
+    async def chat(self, messages: Sequence[dict[str, Any]], model: str | None = None,
+                   adapters: Sequence[str] | None = None, **params: Any) -> Completion:
+        body = chat_body(messages, model or await self.base_model(), adapters, False, params)
+        return parse_completion(await self._json("POST", "/v1/chat/completions", body))
+
+    async def chat_stream(self, messages: Sequence[dict[str, Any]], model: str | None = None,
+                          adapters: Sequence[str] | None = None, **params: Any) -> AsyncIterator[Completion]:
+        body = chat_body(messages, model or await self.base_model(), adapters, True, params)
+        async for chunk in self._events("/v1/chat/completions", body):
+            yield chunk
+
+    async def _events(self, path: str, body: dict) -> AsyncIterator[Completion]:
+        response = await self._send(self.http.build_request("POST", path, json=body), stream=True)
         try:
             async for line in response.aiter_lines():
                 chunk = parse_sse_line(line)

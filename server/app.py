@@ -6,17 +6,20 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 
-from . import auth, errors, routes, routes_adapters, routes_compose, routes_merge
+from . import auth, errors, routes, routes_adapters, routes_chat, routes_compose, routes_merge, routes_tokenize
 from .limits import StreamLimiter
 from .metrics import Metrics
 from .middleware import RequestContext
 from .settings import Settings
 
 log = logging.getLogger(__name__)
+STATIC_DIR = Path(__file__).with_name("static")  # the dashboard (plain HTML/JS/CSS, no build step)
 
 
 def build_engine(settings: Settings):
@@ -25,7 +28,12 @@ def build_engine(settings: Settings):
     config = EngineConfig(max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, max_queue=settings.max_queue,
                           compile=settings.compile, token_budget=settings.token_budget,
                           bank_slots=max(settings.max_batch, settings.device_cache_adapters))
-    engine = build_engine(settings.model, settings.dtype, settings.device, config, settings.adapters)
+    adapters = settings.adapters
+    if settings.demo:
+        from .demo import demo_adapters
+
+        adapters = (*demo_adapters(), *adapters)
+    engine = build_engine(settings.model, settings.dtype, settings.device, config, adapters)
     attach_store(engine, settings)
     return engine
 
@@ -50,6 +58,7 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         eng = engine if engine is not None else build_engine(settings)
+        app.state.chat_template = routes_chat.load_chat_template(settings.chat_template, eng.tokenizer)
         app.state.metrics.attach(eng)
         app.state.engine = eng.start()
         app.state.created = int(time.time())
@@ -75,7 +84,25 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
     app.include_router(routes_adapters.router)
     app.include_router(routes_merge.router)
     app.include_router(routes_compose.router)
+    app.include_router(routes_chat.router)
+    app.include_router(routes_tokenize.router)
+    app.mount("/ui", DashboardFiles(directory=STATIC_DIR, html=True), name="ui")
+    app.add_api_route("/", lambda: RedirectResponse("/ui/"), methods=["GET"], include_in_schema=False)
     return app
+
+
+class DashboardFiles(StaticFiles):
+    """The dashboard at /ui. It only talks to this server's own API, so its policy allows
+    scripts, styles and requests from this origin only (no inline code)."""
+
+    POLICY = ("default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+              "frame-ancestors 'none'; form-action 'none'")
+
+    async def get_response(self, path: str, scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Content-Security-Policy"] = self.POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
 
 
 def engine_state(app: FastAPI) -> dict:

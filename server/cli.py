@@ -40,8 +40,22 @@ def parser() -> argparse.ArgumentParser:
                    help="run every engine step eagerly (default: compile the static decode step at startup)")
     s.add_argument("--token-budget", type=int, dest="token_budget",
                    help="tokens per engine step, decode rows + prompt chunks (default 512)")
+    c = s.add_argument_group("scale-out on Ray Serve (pip install 'adapter-server[cluster]')")
+    c.add_argument("--replicas", type=int, help="run N engine replicas behind this API on Ray Serve")
+    c.add_argument("--max-replicas", type=int, dest="max_replicas", help="autoscale from --replicas up to this many")
+    c.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster ('auto': this node's) "
+                   "instead of starting a local instance")
+    c.add_argument("--replica-cpus", type=float, dest="replica_cpus", help="CPUs per engine replica (default 1)")
+    c.add_argument("--replica-gpus", type=float, dest="replica_gpus", help="GPUs per engine replica "
+                   "(default: 1 where the cluster has GPUs)")
+    c.add_argument("--routing", choices=["affinity", "random"], help="send requests to a replica holding "
+                   "their adapters (default) or anywhere")
+    s.add_argument("--chat-template", dest="chat_template", metavar="FILE",
+                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
     s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
     s.add_argument("--log-format", dest="log_format", choices=["text", "json"])
+    s.add_argument("--demo", action="store_true", default=None,
+                   help="register the demo adapters (one per method) trained for the embedded model")
     return p
 
 
@@ -51,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if overrides.get("adapters"):
         overrides["adapters"] = tuple(overrides["adapters"])
     settings = Settings.from_env(**overrides)
+    if settings.demo and settings.model:
+        parser().error("--demo registers adapters made for the embedded model; it cannot be combined with --model")
     from .middleware import configure_logging
 
     configure_logging(settings.log_level, settings.log_format)
@@ -58,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .auth import bind_host
 
     settings = bind_host(settings)
+
+    if settings.replicas is not None or settings.ray_address or settings.max_replicas:
+        from . import cluster
+
+        return cluster.run(settings)
 
     from .app import create_app
 

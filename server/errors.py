@@ -47,7 +47,7 @@ def describe(error: Exception) -> tuple[int, dict]:
     """(status, body) for any exception; unknown ones are 500 without internals."""
     for cls, status, kind, code in STATUS:
         if isinstance(error, cls):
-            return status, error_body(str(error), kind, None, code)
+            return status, error_body(str(error), kind, getattr(error, "param", None), code)
     return 500, error_body("internal server error", "server_error")
 
 

@@ -1,4 +1,6 @@
-"""HTTP routes: OpenAI-style completions and model list, plus a health check."""
+"""HTTP routes: OpenAI-style completions and models, plus a health check; the helpers that
+chat completions (routes_chat.py) share: field checks, sampling parameters, submitting one
+engine request per choice, best_of, server-sent events."""
 
 from __future__ import annotations
 
@@ -7,19 +9,22 @@ import json
 import math
 import time
 import uuid
-from typing import AsyncIterator, Sequence
+from dataclasses import replace
+from importlib.metadata import version as package_version
+from typing import AsyncIterator, Callable, Sequence
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
 from adapter_runtime.engine import Completion, Engine, Event, RequestHandle, TokenLogprob
 from adapter_runtime.engine import Request as EngineRequest
-from adapter_runtime.errors import EngineUnavailable, InvalidRequest
+from adapter_runtime.errors import AdapterNotFound, EngineUnavailable, InvalidRequest
+from adapter_runtime.layout import row_layout
 from adapter_runtime.sampling import SamplingParams
 
 from . import auth, errors, limits
-from .schemas import (CompletionChoice, CompletionRequest, CompletionResponse, Logprobs, ModelCard, ModelList,
-                      Prompt, Usage)
+from .schemas import (REFUSED_COMPLETIONS, CompletionChoice, CompletionRequest, CompletionResponse, Logprobs, ModelCard,
+                      ModelList, Prompt, SamplingRequest, Usage, refused_fields)
 
 router = APIRouter()
 
@@ -39,69 +44,97 @@ async def health(request: Request) -> dict:
     return {"status": "ok", "model": engine.model_name, **engine.stats(), "adapters": engine.registry.stats()}
 
 
+def model_card(engine: Engine, name: str, created: int) -> ModelCard:
+    """The base model's card, or an adapter's (AdapterNotFound, 404, for an unknown name)."""
+    base = engine.model_name
+    if name == base:
+        return ModelCard(id=base, created=created, owned_by="adapter-server", root=base, max_model_len=engine.max_seq_len)
+    status = engine.registry.status(name)
+    return ModelCard(id=name, created=status.created or created, owned_by="adapter-server", root=base, parent=base,
+                     max_model_len=engine.max_seq_len)
+
+
+@router.get("/version")
+async def version() -> dict:
+    return {"version": package_version("adapter-server")}
+
+
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth.inference)])
 async def list_models(request: Request) -> ModelList:
     engine = get_engine(request)
     created = request.app.state.created
-    base = engine.model_name
-    cards = [ModelCard(id=base, created=created, owned_by="adapter-server")]
-    cards += [ModelCard(id=name, created=created, owned_by="adapter-server", parent=base) for name in engine.registry.names()]
+    cards = []
+    for name in engine.registry.models():
+        try:
+            cards.append(model_card(engine, name, created))
+        except AdapterNotFound:  # deleted meanwhile
+            continue
     return ModelList(data=cards)
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(auth.inference)])
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    return model_card(get_engine(request), model_id, request.app.state.created)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(auth.inference)])
 async def completions(body: CompletionRequest, request: Request):
     engine = get_engine(request)
-    settings, metrics = request.app.state.settings, request.app.state.metrics
-    check_supported(body)
+    settings = request.app.state.settings
+    check_fields(body, REFUSED_COMPLETIONS)
     prompts = await prompt_token_ids(engine, settings, body.prompt)
     limits.check_request(settings, prompts, body.max_tokens, body.adapters, body.stop_token_ids, engine.info.vocab_size)
-    params = sampling_params(body)
-    rid = getattr(request.state, "request_id", "") or uuid.uuid4().hex
-    slots = request.app.state.limiter.take(limits.client_key(request), len(prompts))  # 429 past max_streams_per_key
-    handles: list[RequestHandle] = []
-    try:
-        for i, ids in enumerate(prompts):  # each request pins its adapters until it ends (see registry.py)
-            setup = await asyncio.to_thread(engine.registry.acquire, body.model, body.adapters)
-            try:
-                request_id = rid if len(prompts) == 1 else f"{rid}-{i}"
-                handles.append(engine.submit(EngineRequest(tuple(ids), params, setup, request_id),
-                                             on_done=lambda s=setup: (engine.registry.release(s), slots.release())))
-            except BaseException:
-                engine.registry.release(setup, served=False)
-                raise
-    except BaseException:
-        slots.release(len(prompts) - len(handles))  # submitted ones give theirs back when they end
-        cancel(handles)
-        raise
-    for name in body.adapters or [body.model]:  # names that resolved: a bounded label set
-        metrics.adapter_requests.labels(name).inc(len(prompts))
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
+    params = sampling_params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs, body.echo)
+    handles = await submit_choices(request, engine, body, prompts, params)
+    head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": body.model}
     if body.stream:
-        usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(sse(handles, completion_id, created, body.model, usage), media_type="text/event-stream")
+        return StreamingResponse(sse(handles, head, completion_chunk(handles), include_usage(body), body.n),
+                                 media_type="text/event-stream")
     results = await wait_all(request, handles)
     if results is None:  # the client went away; nobody reads this
         return Response(status_code=499)
+    chosen = best_choices(results, body.n, choices_per_prompt(body))
     return CompletionResponse(
-        id=completion_id,
-        created=created,
-        model=body.model,
+        **head,
         choices=[CompletionChoice(index=i, text=c.text, logprobs=logprobs_object(c.logprobs),
-                                  finish_reason=finish(c.finish_reason)) for i, c in enumerate(results)],
-        usage=usage_of(results),
+                                  finish_reason=finish(c.finish_reason)) for i, c in enumerate(chosen)],
+        usage=usage_of(results, choices_per_prompt(body)),
     )
 
 
 # ---------------------------------------------------------------------- request -> engine
-def check_supported(body: CompletionRequest) -> None:
-    if body.n != 1 or (body.best_of or 1) != 1:
-        raise InvalidRequest("only n=1 (and best_of=1) is supported; send one prompt per choice instead")
-    if body.presence_penalty or body.frequency_penalty or body.logit_bias:
-        raise InvalidRequest("presence_penalty, frequency_penalty and logit_bias are not supported")
-    if body.suffix:
-        raise InvalidRequest("suffix is not supported")
+def check_fields(body: SamplingRequest, endpoint_rules: dict | None = None) -> None:
+    """400 for a field this server would not honour (see schemas.REFUSED) and for n/best_of
+    combinations it cannot serve."""
+    refused = refused_fields(body, endpoint_rules)
+    if refused:
+        raise InvalidRequest(f"{refused[0]} is not supported by this server (it would change the output, and the "
+                             f"server never ignores such a field); remove it", param=refused[0])
+    if body.best_of is not None and body.best_of < body.n:
+        raise InvalidRequest(f"best_of ({body.best_of}) must be >= n ({body.n})", param="best_of")
+    if body.stream and choices_per_prompt(body) != body.n:
+        raise InvalidRequest("best_of > n cannot be streamed: the best choices are known only at the end",
+                             param="best_of")
+
+
+def choices_per_prompt(body: SamplingRequest) -> int:
+    """Engine requests per prompt: best_of of them when given, else n."""
+    return body.best_of or body.n
+
+
+def adapter_model(engine: Engine, body: SamplingRequest) -> str:
+    """`model`, or LoRAX's `adapter_id` (an alias of `model`: the adapter to use)."""
+    if body.adapter_id is None or body.adapter_id == body.model:
+        return body.model
+    if body.model != engine.model_name:
+        raise InvalidRequest(f"model {body.model!r} and adapter_id {body.adapter_id!r} name different adapters; "
+                             f"send one of them (adapter_id is an alias of model)", param="adapter_id")
+    return body.adapter_id
+
+
+def include_usage(body: SamplingRequest) -> bool:
+    return body.stream_options is not None and body.stream_options.include_usage
 
 
 async def prompt_token_ids(engine: Engine, settings, prompt: Prompt) -> list[list[int]]:
@@ -116,10 +149,10 @@ async def prompt_token_ids(engine: Engine, settings, prompt: Prompt) -> list[lis
     return [next(encoded) if isinstance(p, str) else list(p) for p in prompt]
 
 
-def sampling_params(body: CompletionRequest) -> SamplingParams:
+def sampling_params(body: SamplingRequest, max_tokens: int, logprobs: int | None, echo: bool = False) -> SamplingParams:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return SamplingParams(
-        max_tokens=16 if body.max_tokens is None else body.max_tokens,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         top_k=max(body.top_k, 0),
@@ -127,9 +160,86 @@ def sampling_params(body: CompletionRequest) -> SamplingParams:
         stop=stop,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
-        logprobs=body.logprobs,
-        echo=body.echo,
+        logprobs=logprobs,
+        echo=echo,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty,
+        logit_bias=logit_bias(body.logit_bias),
+        min_tokens=body.min_tokens,
     )
+
+
+def logit_bias(bias: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; the engine checks ids and ranges."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        try:
+            pairs.append((int(key), float(value)))
+        except ValueError:
+            raise InvalidRequest(f"logit_bias keys must be token ids, got {key!r}", param="logit_bias") from None
+    return tuple(sorted(pairs))
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """Choice i of a seeded request samples with seed + i (as vLLM does): n choices are n
+    different streams, each reproducible, and choice 0 equals the same request with n=1."""
+    if seed is None:
+        return None
+    seed += choice
+    return seed - (1 << 64) if seed >= 1 << 64 else seed
+
+
+def context_room(engine: Engine, ids: Sequence[int], setup, settings) -> int:
+    """max_tokens when a request gives none (chat): the rest of the context, within max_tokens_limit."""
+    lay = row_layout(setup)
+    room = max(engine.max_seq_len - len(ids) - lay.prefix_len - lay.virtual_tokens, 0)
+    return room if settings.max_tokens_limit is None else min(room, settings.max_tokens_limit)
+
+
+async def submit_choices(request: Request, engine: Engine, body: SamplingRequest, prompts: Sequence[Sequence[int]],
+                         params: SamplingParams, open_ended: bool = False) -> list[RequestHandle]:
+    """One engine request per choice (best_of, else n, per prompt; prompt-major order), each with
+    its own seed (`choice_seed`). `open_ended`: max_tokens is the rest of the context."""
+    metrics, settings = request.app.state.metrics, request.app.state.settings
+    model, count = adapter_model(engine, body), choices_per_prompt(body)
+    total = len(prompts) * count
+    rid = getattr(request.state, "request_id", "") or uuid.uuid4().hex
+    slots = request.app.state.limiter.take(limits.client_key(request), total)  # 429 past max_streams_per_key
+    handles: list[RequestHandle] = []
+    try:
+        for i, ids in enumerate(prompts):
+            for j in range(count):  # each request pins its adapters until it ends (see registry.py)
+                setup = await asyncio.to_thread(engine.registry.acquire, model, body.adapters)
+                try:
+                    p = replace(params, seed=choice_seed(params.seed, j))
+                    if open_ended:
+                        p = replace(p, max_tokens=context_room(engine, ids, setup, settings))
+                    request_id = rid if total == 1 else f"{rid}-{len(handles)}"
+                    handles.append(engine.submit(EngineRequest(tuple(ids), p, setup, request_id),
+                                                 on_done=lambda s=setup: (engine.registry.release(s), slots.release())))
+                except BaseException:
+                    engine.registry.release(setup, served=False)
+                    raise
+    except BaseException:
+        slots.release(total - len(handles))  # submitted ones give theirs back when they end
+        cancel(handles)
+        raise
+    for name in body.adapters or [model]:  # names that resolved: a bounded label set
+        metrics.adapter_requests.labels(name).inc(total)
+    return handles
+
+
+def best_choices(results: Sequence[Completion], n: int, per_prompt: int) -> list[Completion]:
+    """The n choices of each prompt: all of them, or with best_of the n with the highest
+    cumulative log-probability (in generation order among equals)."""
+    if per_prompt == n:
+        return list(results)
+    chosen: list[Completion] = []
+    for start in range(0, len(results), per_prompt):
+        group = results[start : start + per_prompt]
+        chosen += sorted(group, key=lambda c: -c.cumulative_logprob)[:n]
+    return chosen
 
 
 def cancel(handles: Sequence[RequestHandle]) -> None:
@@ -179,8 +289,9 @@ def logprobs_object(entries: Sequence[TokenLogprob] | None) -> Logprobs | None:
     )
 
 
-def usage_of(results: Sequence[Completion | Event]) -> Usage:
-    prompt = sum(r.prompt_tokens for r in results)
+def usage_of(results: Sequence[Completion | Event], per_prompt: int = 1) -> Usage:
+    """Each prompt counted once; every generated token counted (best_of's unreturned ones too)."""
+    prompt = sum(r.prompt_tokens for r in results[::per_prompt])
     completion = sum(r.completion_tokens for r in results)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -209,26 +320,40 @@ def sse_data(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)}\n\n"
 
 
-async def sse(handles: Sequence[RequestHandle], completion_id: str, created: int, model: str,
-              include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events: one chunk per event with text, an error chunk if one fails, [DONE]."""
-    head = {"id": completion_id, "object": "text_completion", "created": created, "model": model}
-    finals: list[Event] = []
+ChunkChoice = Callable[[int, Event], "dict | None"]  # (choice index, event) -> a chunk's choice, or None
+
+
+def completion_chunk(handles: Sequence[RequestHandle]) -> ChunkChoice:
+    def choice(index: int, event: Event) -> dict | None:
+        if not (event.text or event.logprobs or event.finish_reason):
+            return None  # text held back (a possible stop string): nothing to say yet
+        lp = logprobs_object(event.logprobs) if handles[index].request.params.logprobs is not None else None
+        return CompletionChoice(index=index, text=event.text, logprobs=lp, finish_reason=finish(event.finish_reason)).model_dump()
+
+    return choice
+
+
+async def sse(handles: Sequence[RequestHandle], head: dict, chunk_choice: ChunkChoice, include_usage: bool,
+              per_prompt: int, opening: Sequence[dict] = ()) -> AsyncIterator[str]:
+    """Server-sent events: the `opening` choices, one chunk per event that says something, an
+    error chunk if a request fails, the usage chunk if asked, [DONE]."""
+    finals: dict[int, Event] = {}
     try:
+        for choice in opening:
+            yield sse_data({**head, "choices": [choice]})
         async for index, event in merged(handles):
             if event.error is not None:
                 yield sse_data(errors.describe(event.error)[1])
                 break
             if event.finish_reason is not None:
-                finals.append(event)
-            if not (event.text or event.logprobs or event.finish_reason):
-                continue  # text held back (a possible stop string): nothing to say yet
-            lp = logprobs_object(event.logprobs) if handles[index].request.params.logprobs is not None else None
-            choice = CompletionChoice(index=index, text=event.text, logprobs=lp, finish_reason=finish(event.finish_reason))
-            yield sse_data({**head, "choices": [choice.model_dump()]})
+                finals[index] = event
+            choice = chunk_choice(index, event)
+            if choice is not None:
+                yield sse_data({**head, "choices": [choice]})
         else:
             if include_usage:
-                yield sse_data({**head, "choices": [], "usage": usage_of(finals).model_dump()})
+                usage = usage_of([finals[i] for i in sorted(finals)], per_prompt)
+                yield sse_data({**head, "choices": [], "usage": usage.model_dump()})
         yield sse_data("[DONE]")
     finally:
         cancel(handles)  # the client disconnected, or a request failed: stop the rest

@@ -42,6 +42,15 @@ class Settings:
     token_budget: int = 512  # tokens per engine step: decode rows + prompt chunks (chunked prefill)
     max_prompt_chars: int | None = None  # per prompt string, checked before tokenizing; None = 8 x the token limit
     metrics_key: str | None = None  # a key for /metrics only; with any key configured /metrics needs one
+    # scale-out on Ray Serve (server/cluster/): replicas=None runs the single-process server
+    replicas: int | None = None  # engine replicas (the minimum, with max_replicas: autoscaling)
+    max_replicas: int | None = None  # autoscale up to this many engine replicas
+    ray_address: str | None = None  # join this Ray cluster ("auto": the local node's) instead of starting one
+    replica_cpus: float = 1.0  # CPUs per engine replica (also its torch threads)
+    replica_gpus: float | None = None  # GPUs per engine replica; None = 1 where the cluster has GPUs
+    routing: str = "affinity"  # "affinity" (by adapter set, server/cluster/routing.py) | "random" (uniform, a baseline)
+    chat_template: str | None = None  # Jinja chat template file for /v1/chat/completions; None = the tokenizer's
+    demo: bool = False  # also register the demo adapters of the embedded model (server/demo_adapters/)
 
     @staticmethod
     def from_env(environ: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -67,14 +76,17 @@ def parse_adapter_spec(spec: str) -> tuple[str, str]:
 def parse_field(name: str, raw: str):
     if name in ("port", "max_batch", "max_seq_len", "max_queue", "max_upload_bytes", "device_cache_adapters",
                 "device_cache_bytes", "host_cache_bytes", "max_lora_rank", "max_prefix_len", "max_prompt_tokens",
-                "max_tokens_limit", "max_body_bytes", "max_stack_adapters", "max_streams_per_key", "max_prompt_chars"):
+                "max_tokens_limit", "max_body_bytes", "max_stack_adapters", "max_streams_per_key", "max_prompt_chars",
+                "replicas", "max_replicas"):
         return int(raw)
-    if name == "shutdown_grace_s":
+    if name in ("shutdown_grace_s", "replica_cpus", "replica_gpus"):
         return float(raw)
     if name == "compile":
         return raw.strip().lower() not in ("0", "false", "no", "off")
     if name == "token_budget":
         return int(raw)
+    if name == "demo":
+        return raw.strip().lower() in ("1", "true", "yes", "on")
     if name == "adapters":
         return tuple(parse_adapter_spec(s) for s in raw.split(",") if s.strip())
     return raw

@@ -54,7 +54,8 @@ def ok(result: subprocess.CompletedProcess) -> str:
 def test_full_session_upload_complete_merge_reset_delete(live):
     _, _, expect_base, expect_lora = live
     up = cli(live, "upload", "my-lora", "./my-lora", "--progress")
-    assert "100%" in ok(up) + up.stderr and "[" in up.stderr
+    # stderr is not a terminal here: no bar, one plain summary line in binary units
+    assert re.fullmatch(r"uploaded my-lora: \d+\.\d (KiB|MiB) in \d+\.\d s\n", ok(up) and up.stderr), up.stderr
     assert re.search(r"method:\s+lora", up.stdout) and re.search(r"format:\s+peft", up.stdout)
 
     table = ok(cli(live, "list")).splitlines()
@@ -139,6 +140,46 @@ def test_an_upload_the_server_would_refuse_is_never_sent(live):
     assert cli(live, "delete", "two-keys").returncode == 0
 
 
+def render_upload(width: int, name: str, total: int = 2_700_000) -> list[str]:
+    """What UploadProgress draws on a terminal `width` columns wide: the frames of its one line."""
+    import io
+
+    from rich.console import Console
+
+    from clients.cli import UploadProgress
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=width, color_system=None)
+    with UploadProgress(name, console) as progress:
+        for sent in range(0, total + 1, total // 20):
+            progress(sent, total)
+    raw = out.getvalue()
+    assert raw.count("\n") == 1  # redraws go back over the same line; one newline at the end
+    frames = [re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", f) for f in re.split(r"[\r\n]", raw)]
+    return [f for f in frames if f.strip()]
+
+
+@pytest.mark.parametrize("width", [30, 50, 80, 160])
+def test_upload_progress_is_one_line_that_fits_the_terminal(width):
+    for name in ("my-lora", "a-very-long-adapter-name-" * 4):
+        frames = render_upload(width, name)
+        assert frames and all(len(f) <= width for f in frames), frames
+        assert "100%" in frames[-1]
+        if width >= 80:
+            assert "2.6/2.6 MiB" in frames[-1]  # 2,700,000 bytes in binary units
+
+
+def test_health_and_sizes_print_as_tables():
+    from clients.cli import health_rows, human_bytes, table
+    from clients.client import Health
+
+    health = Health("ok", "tiny", {"running": 1, "adapters": {"adapters": 3, "device_bytes": 3 * 1024 * 1024}})
+    lines = table(["FIELD", "VALUE"], health_rows(health)).splitlines()
+    assert lines[0].split() == ["FIELD", "VALUE"] and lines[1].split() == ["status", "ok"]
+    assert lines[-1].split() == ["adapters:", "device", "bytes", "3.0", "MiB"]
+    assert (human_bytes(1023), human_bytes(1536), human_bytes(5 << 30)) == ("1023 B", "1.5 KiB", "5.0 GiB")
+
+
 def clients_section() -> str:
     """The README's quick-start section for the clients (between its marker comments)."""
     text = README.read_text()
@@ -150,14 +191,20 @@ def doc_blocks(text: str) -> list[tuple[str, str]]:
     return [(m[1], m[2]) for m in re.finditer(r"^```(\w+)\n(.*?)^```", text, re.S | re.M) if m[1] in ("bash", "python")]
 
 
-def test_docs_examples_run(live):
-    """Every `bash` / `python` block of the README's clients section, in order, with the documented URL
-    pointed at the live server (started with the documented keys)."""
-    url, cwd, _, expect_lora = live
+def test_docs_examples_run(demo_server):
+    """Every `bash` / `python` block of the README's clients section, in order, from the
+    repository root, against `serve --demo` with the documented keys (conftest.demo_server);
+    the uploaded LoRA's text is checked against PEFT on the shipped files."""
+    from peft import PeftModel
+
+    from demo.train_adapters import base_model, greedy
+
     section = clients_section()
     blocks = doc_blocks(section)
     assert [lang for lang, _ in blocks] == ["bash", "python", "python"]
-    assert "--api-key user-secret --admin-key admin-secret" in section
+    assert "serve --demo --api-key user-secret --admin-key admin-secret" in section
+    lora = PeftModel.from_pretrained(base_model(), ROOT / "server" / "demo_adapters" / "lora-shout").eval()
+    expect_lora = greedy(lora, "Return the", 24)  # the README's prompt and length
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for key in ("ADAPTER_SERVER_URL", "ADAPTER_SERVER_API_KEY", "ADAPTER_CLIENT_URL", "ADAPTER_CLIENT_API_KEY",
                 "ADAPTER_CLIENT_ADMIN_KEY"):
@@ -166,9 +213,9 @@ def test_docs_examples_run(live):
     shim = f'adapter-client() {{ "{sys.executable}" -m clients.cli "$@"; }}\nset -euo pipefail\n'
     outputs = []
     for lang, code in blocks:
-        code = code.replace("http://localhost:8000", url)
+        code = code.replace("http://localhost:8000", demo_server.url)
         cmd = ["bash", "-c", shim + code] if lang == "bash" else [sys.executable, "-c", code]
-        r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, f"{lang} block failed:\n{code}\n--- stdout\n{r.stdout}\n--- stderr\n{r.stderr}"
         outputs.append(r.stdout)
     assert expect_lora in outputs[0] and "merged: my-lora" in outputs[0]

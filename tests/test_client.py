@@ -253,3 +253,22 @@ def test_stream_lines_and_error_chunks():
     assert e.value.status == 500 and e.value.type == "server_error"
     with pytest.raises(RateLimited):
         parse_sse_line('data: {"error": {"message": "full", "type": "rate_limit_error", "code": "queue_full"}}')
+
+
+def test_chat_sync_stream_and_async(client, live):
+    """chat / chat_stream: the reply equals transformers' greedy run on the templated ids."""
+    from adapter_runtime.tokenizer import build_byte_tokenizer
+
+    messages = [{"role": "user", "content": "Hello"}]
+    ids = list(build_byte_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    expect = decode(greedy_ids(base_hf(), ids, 8))
+    r = client.chat(messages, logprobs=True, **GREEDY)
+    assert r.text == expect and r.usage.prompt_tokens == len(ids) and len(r.choices[0].logprobs.token_logprobs) == 8
+    assert "".join(c.text for c in client.chat_stream(messages, **GREEDY)) == expect
+
+    async def session() -> str:
+        async with AsyncAdapterServerClient(live[0], api_key=USER_KEY, timeout=60) as c:
+            assert "".join([chunk.text async for chunk in c.chat_stream(messages, **GREEDY)]) == expect
+            return (await c.chat(messages, **GREEDY)).text
+
+    assert asyncio.run(session()) == expect

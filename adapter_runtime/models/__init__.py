@@ -108,29 +108,35 @@ def load_model(model_dir: str | Path | None, dtype: str | torch.dtype = "float32
     return LoadedModel(model, tokenizer, model.info, model_dir.name, eos_ids)
 
 
+DEFAULT_WEIGHTS = Path(__file__).with_name("tiny_llama_embedded.safetensors")  # made by demo/train_base.py
+
+
 def default_model_config():
-    """The embedded default: a seeded tiny Llama (GQA) over the byte-level tokenizer."""
+    """The embedded default: a small Llama (GQA) over the byte-level tokenizer, trained by
+    `demo/train_base.py` on Python's own documentation. Ids 0-255 are bytes, 256 is
+    end-of-text; 257-263 are reserved for special tokens (untrained). Trained on windows of up
+    to 512 bytes; positions up to 2048 are accepted (RoPE), with text degrading past 512."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=257, hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=4,
+        vocab_size=264, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=2048, rope_theta=10000.0, tie_word_embeddings=True,
         bos_token_id=256, eos_token_id=256, pad_token_id=256,
     )
 
 
 def default_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:
+    """The embedded model from its committed weights (fp16 on disk, cast to `dtype`)."""
+    from safetensors.torch import load_file
+
     from ..tokenizer import build_byte_tokenizer
 
-    config = default_model_config()
-    generator = torch.Generator().manual_seed(0)
-    model = LlamaForCausalLM(config)
-    for name, p in model.named_parameters():
-        if p.dim() > 1:
-            p.data = torch.randn(p.shape, generator=generator) * 0.05
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    model.model.rotary.inv_freq = model.model.rotary.inv_freq.float()
+    if not DEFAULT_WEIGHTS.exists():
+        raise ModelLoadError(f"the embedded model's weights are missing ({DEFAULT_WEIGHTS}); "
+                             "reinstall the package or run `python -m demo.train_base`")
+    model = build_model(default_model_config(), load_file(DEFAULT_WEIGHTS), dtype, device)
     return LoadedModel(model, build_byte_tokenizer(), model.info, DEFAULT_MODEL_NAME, (256,))
 
 
-__all__ = ["KVCache", "LoadedModel", "ModelInfo", "load_model", "model_class", "build_model", "DEFAULT_MODEL_NAME"]
+__all__ = ["KVCache", "LoadedModel", "ModelInfo", "load_model", "model_class", "build_model", "DEFAULT_MODEL_NAME",
+           "DEFAULT_WEIGHTS", "default_model_config"]
