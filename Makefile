@@ -18,17 +18,13 @@ $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-<<<<<<< HEAD
-VLLM_VENV ?= .venv-vllm
-
-.PHONY: serve test bench bench-peers
-=======
 $(VENV)/.ecosystem: $(VENV)/.test
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,ecosystem]'
 	touch $@
 
-.PHONY: serve demo test test-ui test-ecosystem bench
->>>>>>> main
+VLLM_VENV ?= .venv-vllm
+
+.PHONY: serve demo test test-ui test-ecosystem bench bench-peers
 serve: $(VENV)/.runtime
 	$(BIN)/adapter-server serve $(ARGS)
 
