@@ -60,17 +60,20 @@ class Ingress:
     """The ingress deployment: the app of server/app.py, its engine a `RemoteEngine`."""
 
     async def __init__(self, engine, settings: Settings):
+        from ..app import engine_state
+        from ..metrics import Metrics
         from .remote import RemoteEngine
 
         self.settings = settings
-        self.engine = await RemoteEngine.connect(engine, settings)
+        self.metrics = Metrics(lambda: engine_state(self.engine))
+        self.engine = await RemoteEngine.connect(engine, settings, self.metrics.engine_hooks())
 
     def __serve_build_asgi_app__(self):
         from ..app import create_app
         from .metrics import ReplicaMetrics
 
-        app = create_app(self.settings, engine=self.engine)
-        app.state.metrics.registry.register(ReplicaMetrics(self.engine))
+        app = create_app(self.settings, engine=self.engine, metrics=self.metrics)
+        self.metrics.registry.register(ReplicaMetrics(self.engine))
         return app
 
 

@@ -95,14 +95,6 @@ def test_embedded_default_model_answers():
         stop_server(proc)
 
 
-def test_settings_from_env_and_flags():
-    from server.settings import Settings
-
-    env = {"ADAPTER_SERVER_PORT": "9001", "ADAPTER_SERVER_MAX_BATCH": "8", "ADAPTER_SERVER_ADAPTERS": "a=/x, b=/y"}
-    s = Settings.from_env(env, port=9002, model=None)
-    assert (s.port, s.max_batch, s.adapters, s.model) == (9002, 8, (("a", "/x"), ("b", "/y")), None)
-
-
 def test_readme_api_examples(tmp_path):
     """The README's curl and Python examples, as written, against `serve` with no --model
     (the embedded default model, which is what `make serve` runs)."""

@@ -1,0 +1,34 @@
+"""The app in-process (FastAPI's TestClient) with a fake engine through dependency overrides:
+what the HTTP layer decides, without a model or a server process."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.app import create_app
+from server.deps import get_engine
+from server.settings import Settings
+from tests.support.fake_engine import FakeEngine
+
+
+@pytest.fixture
+def api():
+    """make(engine=None, **settings) -> a TestClient for a fresh app with these settings whose
+    routes get `engine` (a new FakeEngine by default; `client.engine`). The lifespan does not
+    run: nothing is built or started."""
+    clients = []
+
+    def make(engine: FakeEngine | None = None, **settings) -> TestClient:
+        engine = engine or FakeEngine()
+        app = create_app(Settings(**settings))
+        app.dependency_overrides[get_engine] = lambda: engine
+        client = TestClient(app, raise_server_exceptions=False)
+        client.engine = engine
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.engine.release()
+        client.close()
