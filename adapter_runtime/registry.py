@@ -337,7 +337,7 @@ class AdapterRegistry:
             for name in names:
                 setup.append(self.get(name, pin=pin))
             if len(setup) > 1:
-                from .formats.adapterhub import validate_stack
+                from .composition import validate_stack
 
                 validate_stack(setup)  # only combinations whose Stack semantics we implement
         except BaseException:

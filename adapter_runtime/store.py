@@ -29,7 +29,6 @@ import re
 import shutil
 import time
 import uuid
-import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,7 +36,9 @@ from .adapters import Adapter, LoRA
 from .errors import (AdapterConflict, AdapterFormatError, AdapterIncompatible, AdapterNotFound, AdapterUnsupported,
                      InvalidRequest, brief)
 from .formats import detect_format, load_adapter, read_json, read_tensors
-from .formats.adapterhub import HEAD_WEIGHT_FILES, eject_prefix, is_flex_model
+from .export import eject_prefix, write_zip
+from .formats.adapterhub.head import HEAD_WEIGHT_FILES, is_flex_model
+from .formats.adapterhub.keys import PREFIX_ALIAS
 from .models.common import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ WEIGHTS = {
     "peft": (("adapter_model.safetensors", "adapter_model.bin"), "adapter_model.safetensors"),
     "adapterhub": (("adapter.safetensors", "pytorch_adapter.bin"), "adapter.safetensors"),
 }
-PREFIX_ALIAS = "prefix_tuning.pool.prefix_tunings."
 # every file an adapter reader may open (registration copies exactly these out of --adapter-root)
 ADAPTER_FILES = ("adapter_config.json", "head_config.json", *(f for accepted, _ in WEIGHTS.values() for f in accepted),
                  *HEAD_WEIGHT_FILES)
@@ -333,7 +333,4 @@ class AdapterStore:
         folder = self.path(name)
         if not folder.is_dir():
             raise AdapterNotFound(f"adapter {name!r} is not in the store")
-        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in sorted(folder.iterdir()):
-                if f.name != "meta.json":
-                    z.write(f, f.name)
+        write_zip(folder, out)
