@@ -7,7 +7,9 @@
     lora.py        lora, composition_mode "add" (also VeRA, DoRA, DvoRA, MTL-LoRA) -> LoRA per (layer, module)
                    lora, composition_mode "scale" (IA3)                          -> Scale per (layer, module)
     prefix.py      prefix_tuning (MLP evaluated once here, flat, ejected)       -> Prefix
+    reft.py        reft (LoReFT, NoReFT, DiReFT)                                -> Reft
     head.py        the flex causal-LM head of an `*AdapterModel` adapter         -> LMHead
+    fusion.py      a `save_adapter_fusion` directory (its own config and weights) -> Fusion
     (this file)    the directory: config fixes, a union's parts merged, every key used
 
 A directory holds `adapter_config.json` and `adapter.safetensors` or `pytorch_adapter.bin`
@@ -35,6 +37,7 @@ from .keys import WEIGHT_FILES, Weights
 from .lora import LORA_MODULES, read_lora
 from .parts import Part
 from .prefix import read_prefix
+from .reft import read_reft
 
 LEGACY_ACTIVATIONS = {"gelu": "gelu_new", "gelu_orig": "gelu"}  # files without `version`
 
@@ -47,7 +50,7 @@ def _prompt_tuning(config, w, info) -> Part:
 
 
 READERS = {None: read_bottleneck, "bottleneck": read_bottleneck, "lora": read_lora, "mtl_lora": read_lora,
-           "prefix_tuning": read_prefix, "prompt_tuning": _prompt_tuning}
+           "prefix_tuning": read_prefix, "prompt_tuning": _prompt_tuning, "reft": read_reft}
 
 
 def _read_parts(config: Mapping, w: Weights, info: ModelInfo) -> list[Part]:
@@ -61,7 +64,7 @@ def _read_parts(config: Mapping, w: Weights, info: ModelInfo) -> list[Part]:
         return [p for c in configs for p in _read_parts(c, w, info)]
     if arch not in READERS:
         raise AdapterUnsupported(f"unknown adapter architecture {arch!r}; supported: bottleneck, lora (incl. IA3, VeRA, "
-                                 "DoRA), mtl_lora, prefix_tuning, union")
+                                 "DoRA), mtl_lora, prefix_tuning, reft, union")
     return [READERS[arch](config, w, info)]
 
 
@@ -73,7 +76,7 @@ def _merge(parts: list[Part]) -> Part:
             if clash := mine.keys() & theirs.keys():
                 raise AdapterUnsupported(f"two parts of the union act on the same {table} site {sorted(clash)[0]}")
             mine.update(theirs)
-        for single in ("invertible", "prefix"):
+        for single in ("invertible", "prefix", "reft"):
             if getattr(part, single) is not None:
                 if getattr(merged, single) is not None:
                     raise AdapterUnsupported(f"a union may hold only one {single} part")
@@ -132,5 +135,6 @@ def read_adapterhub(directory: Path, info: ModelInfo, name: str | None = None) -
         bottleneck=part.bottleneck,
         invertible=part.invertible,
         prefix=part.prefix,
+        reft=part.reft,
         head=read_flex_head(directory, meta, info),
     )

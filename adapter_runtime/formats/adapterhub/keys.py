@@ -18,7 +18,8 @@ WEIGHT_FILES = ("adapter.safetensors", "pytorch_adapter.bin")
 BASE_PREFIXES = ("transformer.", "model.")  # GPT2LMHeadModel / LlamaForCausalLM; bare models: none
 LAYER_KEY = re.compile(r"^(?:h|layers)\.(\d+)\.(.*)$")
 # the adapter name follows one of these module containers in every key
-NAME_CONTAINERS = "adapters|loras|prefix_tunings|invertible_adapters|shared_parameters|prefix_gates|prompt_tunings"
+NAME_CONTAINERS = ("adapters|loras|prefix_tunings|invertible_adapters|shared_parameters|prefix_gates|prompt_tunings|"
+                   "refts|adapter_fusion_layer")
 NAME_IN_KEY = re.compile(rf"(^|\.)({NAME_CONTAINERS})\.([^.]+)\.")
 # adapter-transformers v1 key names that the library still renames at load
 LEGACY_KEY_NAMES = {

@@ -6,10 +6,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from ...adapters import Bottleneck, Invertible, LinearEffect, Prefix
+from ...adapters import Bottleneck, Invertible, LinearEffect, Prefix, Reft
 from ...errors import AdapterFormatError, AdapterUnsupported
 from ...methods.bottleneck import activation
 from ...models.common import ModelInfo
+
 
 @dataclass
 class Part:
@@ -20,6 +21,7 @@ class Part:
     bottleneck: dict[tuple[int, str], Bottleneck] = field(default_factory=dict)
     invertible: Invertible | None = None
     prefix: Prefix | None = None
+    reft: Reft | None = None
 
 
 def layers_of(config: Mapping, info: ModelInfo) -> list[int]:
