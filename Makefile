@@ -38,7 +38,7 @@ test-ecosystem: $(VENV)/.ecosystem
 	$(BIN)/python -m pytest -q -m ecosystem $(ARGS)
 
 test-ui: $(VENV)/.test
-	$(BIN)/python -m pytest -q tests/test_ui.py $(ARGS)
+	$(BIN)/python -m pytest -q tests/e2e/test_ui.py $(ARGS)
 
 bench: $(VENV)/.test
 	$(BIN)/python -m benchmarks.run $(ARGS)

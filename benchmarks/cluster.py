@@ -61,8 +61,8 @@ def popularity(kind: str, n: int, count: int, seed: int) -> list[int]:
 
 class Bench:
     def __init__(self, tmp: Path):
-        from tests.live import free_port
-        from tests.tiny import save_checkpoint
+        from tests.support.live import free_port
+        from tests.support.tiny import save_checkpoint
 
         self.ckpt = save_checkpoint(base_model(), tmp / "bench-llama")
         self.root = tmp / "adapters"

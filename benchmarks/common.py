@@ -13,7 +13,7 @@ import torch
 from adapter_runtime.engine import Engine, EngineConfig, Request
 from adapter_runtime.models import LoadedModel, build_model
 from adapter_runtime.sampling import SamplingParams
-from tests.live import ServerProcess  # noqa: F401  (the server process helper, shared with the tests)
+from tests.support.live import ServerProcess  # noqa: F401  (the server process helper, shared with the tests)
 
 SEED = 0
 VOCAB = 32000  # the 40M model: a 32k-token head, like real Llamas

@@ -9,12 +9,11 @@ from __future__ import annotations
 import sys
 import tempfile
 import threading
-from pathlib import Path
 
 import httpx
 
-from tests.live import ROOT, ServerProcess
-from tests.test_ui import CHROMIUM, LAUNCH_ARGS
+from tests.support.browser import CHROMIUM, LAUNCH_ARGS
+from tests.support.live import ROOT, ServerProcess
 
 OUT = ROOT / "docs" / "dashboard.png"
 

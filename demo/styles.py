@@ -2,7 +2,7 @@
 
 A style is a transform of the base corpus (every document rewritten, e.g. upper-cased). Its
 measure is a number in [0, 1] that is high on text in the style and low on the base model's
-text; tests/test_demo.py compares the two through the server. (Topics, e.g. only the `email`
+text; tests/e2e/test_demo.py compares the two through the server. (Topics, e.g. only the `email`
 package's documentation, were tried for prefix and prompt tuning: with a model this small the
 greedy text did not measurably move towards the topic.)
 """

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.live import ServerProcess
-
-USER_KEY, ADMIN_KEY = "user-secret", "admin-secret"  # as in the README's clients quick start
+from tests.support.live import ServerProcess
+from tests.support.served import ADMIN_KEY, USER_KEY  # the README's clients quick start
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,89 @@
+"""Two registries over one store folder, as two replicas of a cluster see it (no Ray here):
+what one adds, deletes or replaces, the other serves, refuses or re-reads at its next lookup."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.support.tiny import hf_model, save_checkpoint
+
+peft = pytest.importorskip("peft")
+
+
+def lora_dir(directory, seed: int):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(hf_model("llama"), LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory):
+    root = tmp_path_factory.mktemp("loras")
+    return [lora_dir(root / f"l{i}", 10 + i) for i in range(2)]
+
+
+def replicas(tmp_path, shared: bool = True):
+    from adapter_runtime.models import load_model
+    from adapter_runtime.registry import AdapterRegistry, CacheLimits
+    from adapter_runtime.store import AdapterStore
+
+    info = load_model(save_checkpoint(hf_model("llama"), tmp_path / "ckpt")).info
+    made = []
+    for _ in range(2):
+        reg = AdapterRegistry("base", store=AdapterStore(tmp_path / "store", info), limits=CacheLimits(device_adapters=4))
+        reg.shared = shared
+        made.append(reg)
+    return made
+
+
+def same_weights(x, y) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(x.tensors, y.tensors))
+
+
+def test_what_one_replica_changes_the_other_sees_at_its_next_lookup(tmp_path, loras):
+    from adapter_runtime.errors import AdapterConflict, AdapterNotFound
+
+    a, b = replicas(tmp_path)
+    a.add("x", loras[0])
+    assert b.get("x").name == "x" and "x" in b.names()  # uploaded on a, servable on b at once
+    assert b.status("x").location == "device"
+    with pytest.raises(AdapterConflict):
+        b.add("x", loras[1])  # the name is taken in the shared store
+
+    a.delete("x")
+    with pytest.raises(AdapterNotFound):
+        b.get("x")  # b had it on its device: no stale copy is served
+    assert "x" not in b.names() and b.stats()["device_adapters"] == 0
+    with pytest.raises(AdapterNotFound):
+        b.delete("x")
+
+    a.add("x", loras[1])  # the same name again, other weights: servable on b
+    assert b.get("x").name == "x" and "x" in b.names()
+
+
+def test_a_replaced_adapter_is_read_again(tmp_path, loras):
+    a, b = replicas(tmp_path)
+    a.add("y", loras[0])
+    old = b.get("y")
+    a.delete("y")
+    a.add("y", loras[1])
+    new = b.get("y")  # b had the old weights on its device; it serves the new ones
+    assert not same_weights(old, new) and same_weights(new, a.get("y"))
+
+
+def test_without_sharing_a_registry_keeps_what_it_read(tmp_path, loras):
+    """What the hook changes: an unshared registry (one server alone) never looks again."""
+    from adapter_runtime.errors import AdapterNotFound
+
+    a, b = replicas(tmp_path, shared=False)
+    a.add("z", loras[0])
+    with pytest.raises(AdapterNotFound):
+        b.get("z")
