@@ -11,6 +11,11 @@ Sites (see DESIGN.md):
   invertible  once, on the embedding output
   prefix      extra KV entries in every attention layer, written once at admission
   prompt      extra input embeddings before layer 0
+  layer       (layer)           the hidden state after a whole decoder layer, at chosen token
+                                positions (ReFT interventions)
+
+An AdapterFusion layer (`Fusion`) is stored and named like an adapter, but it only acts inside
+a Fuse composition of the bottleneck adapters it fuses (composition.py, methods/compose.py).
 """
 
 from __future__ import annotations
@@ -149,6 +154,61 @@ class LMHead:
     bias: Tensor | None  # [V]
 
 
+# --------------------------------------------------------------------------- layer outputs
+
+
+@dataclass(frozen=True)
+class ReftUnit:
+    """One ReFT intervention on hidden states x [n, H] (adapters 1.3.0 `ReftUnit`, eval mode):
+        source = act(x @ source_weight.T + source_bias)            [n, r]
+        source = source - x @ projection.T   if subtract_projection
+        out    = x + source @ projection                           [n, H]
+    `projection` [r, H] is the effective weight (an orthogonal parametrization evaluated at load)."""
+
+    source_weight: Tensor  # [r, H]
+    source_bias: Tensor  # [r]
+    projection: Tensor  # [r, H]
+    subtract_projection: bool
+    activation: str | None  # None: identity
+
+
+@dataclass(frozen=True)
+class Reft:
+    """ReFT (LoReFT, NoReFT, DiReFT) after whole decoder layers, at the first `prefix_positions`
+    and the last `suffix_positions` tokens of the sequence the forward sees (methods/reft.py).
+    units[layer] = (prefix unit, suffix unit), or (one unit,) when `tied`."""
+
+    units: Mapping[int, tuple[ReftUnit, ...]]
+    prefix_positions: int
+    suffix_positions: int
+    tied: bool
+
+
+# --------------------------------------------------------------------------- fusion layers
+
+
+@dataclass(frozen=True)
+class FusionLayer:
+    """AdapterFusion at one bottleneck location (adapters 1.3.0 `BertFusion`): attention of a
+    query over the fused adapters' up-projections. Absent projections are identities."""
+
+    query: tuple[Tensor, Tensor] | None  # (weight [H, H], bias [H])
+    key: tuple[Tensor, Tensor] | None
+    value: Tensor | None  # weight [H, H], no bias
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """A fusion saved by `save_adapter_fusion`: the adapters it was made for, one layer per
+    (layer, location) and the config flags of its forward (methods/fusion.py)."""
+
+    adapter_names: tuple[str, ...]
+    layers: Mapping[tuple[int, str], FusionLayer]
+    query_before_ln: bool
+    residual_before: bool
+    value_before_softmax: bool
+
+
 # --------------------------------------------------------------------------- the adapter
 
 
@@ -164,6 +224,8 @@ class Adapter:
     prefix: Prefix | None = None
     prompt: Prompt | None = None
     head: LMHead | None = None
+    reft: Reft | None = None
+    fusion: Fusion | None = None  # a stored fusion: no effect of its own (see the module docstring)
     # content identity: the store's hash of the adapter's files, or a fresh id for an object
     # built in-process. Whatever is keyed per adapter (the merged adapter, device banks) uses
     # it, never `name`: a name can be deleted and taken by other weights at any time.

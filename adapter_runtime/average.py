@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .errors import InvalidRequest
 from .formats import read_json, read_tensors
-from .formats.adapterhub import BASE_PREFIXES, NAME_CONTAINERS, WEIGHT_FILES, Weights, _legacy
+from .formats.adapterhub.keys import BASE_PREFIXES, NAME_CONTAINERS, WEIGHT_FILES, Weights, legacy_key
 
 COMBINE_STRATEGIES = ("linear", "lora_linear_only_negate_b", "lora_delta_w_svd")
 # config keys the library ignores when it checks that the adapters share one configuration
@@ -109,7 +109,7 @@ def canonical_tensors(source: Source) -> dict[str, Tensor]:
     pattern = re.compile(rf"(^|\.)({NAME_CONTAINERS})\.{re.escape(name)}\.")
     out = {}
     for key, t in source.tensors.items():
-        k = _legacy(key)
+        k = legacy_key(key)
         for prefix in BASE_PREFIXES:
             if k.startswith(prefix):
                 k = k[len(prefix):]

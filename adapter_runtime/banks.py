@@ -37,8 +37,9 @@ def adapter_key(adapter: Adapter) -> tuple:
 
 
 def bankable(adapter: Adapter) -> bool:
-    """Every part of the adapter has a bank (or needs none: prefix, prompt)."""
-    return adapter.head is None and all(cls.accepts(adapter) for cls in BANKED_METHODS)
+    """Every part of the adapter has a bank (or needs none: prefix, prompt). ReFT interventions
+    and flex heads run on the side path."""
+    return adapter.head is None and adapter.reft is None and all(cls.accepts(adapter) for cls in BANKED_METHODS)
 
 
 class AdapterBanks:

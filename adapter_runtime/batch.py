@@ -6,9 +6,9 @@ multi-token prefill chunks the step holds. Decode rows come first (token i = row
 
 Adapters are data (banks.py): at each adapter site the model calls the step's `AdapterStep`,
 which applies every banked method by per-token slot index (slot 0 = no adapter: exact
-identity). Rows whose setup no bank can hold (stacks, gated or DoRA LoRAs, flex heads, the
-undo of a merged adapter) are *side groups*, applied after the banks by the reference math
-of methods/ one group at a time.
+identity). Rows whose setup no bank can hold (stacks, composition blocks, gated or DoRA LoRAs,
+flex heads, ReFT, the undo of a merged adapter) are *side groups*, applied after the banks by
+the reference math of methods/ one group at a time (compositions: methods/compose.py).
 """
 
 from __future__ import annotations
@@ -21,13 +21,15 @@ from torch import Tensor
 
 from .adapters import Adapter, LinearEffect, LoRA, Scale
 from .methods import bottleneck as bottleneck_math
+from .methods import compose as compose_math
 from .methods import head as head_math
 from .methods import invertible as invertible_math
 from .methods import lora as lora_math
 from .methods import prompt as prompt_math
+from .methods import reft as reft_math
 from .methods import stack as stack_math
 
-Setup = tuple[Adapter, ...]  # adapters of one request, in Stack order (usually one)
+Setup = tuple[Adapter, ...]  # adapters of one request, in Stack order (usually one); compose.Composed for blocks
 
 
 @dataclass(frozen=True)
@@ -39,11 +41,24 @@ class SideGroup:
     segments: Tensor | None  # [n] row of each token within the group; None: one token per row
     logit_rows: Tensor | None  # indices into the step's logits rows that belong to the group
 
+    @property
+    def block(self) -> compose_math.Block | None:
+        """The composition tree, for rows whose setup is a composition block."""
+        return getattr(self.setup, "block", None)
+
+    @property
+    def first(self) -> Adapter:
+        """The setup's first leaf: its NICE and its ReFT are the ones that run (§7.2.2)."""
+        return self.block.first() if self.block is not None else self.setup[0]
+
+    def _adapters(self):
+        return self.block.leaves() if self.block is not None else self.setup
+
     def linear_effects(self, site) -> list[LinearEffect]:
-        return [e for a in self.setup if (e := a.linear.get(site)) is not None]
+        return [e for a in self._adapters() if (e := a.linear.get(site)) is not None]
 
     def bottlenecks(self, site) -> list:
-        return [b for a in self.setup if (b := a.bottleneck.get(site)) is not None]
+        return [b for a in self._adapters() if (b := a.bottleneck.get(site)) is not None]
 
 
 @dataclass(frozen=True)
@@ -147,7 +162,9 @@ class AdapterStep:
             if not effects:
                 continue
             t = g.tokens
-            if isinstance(dora := effects[0], LoRA) and dora.magnitude is not None:  # alone: stacks refuse PEFT
+            if g.block is not None:
+                y = _put(y, t, compose_math.linear_output(g.block, site, x[t], y[t], g.segments), None)
+            elif isinstance(dora := effects[0], LoRA) and dora.magnitude is not None:  # alone: stacks refuse PEFT
                 ratio, bias = self._dora_ratio(site, base, dora)
                 y = _put(y, t, lora_math.dora_output(x[t], y[t], dora, ratio, bias), None)
             else:
@@ -183,7 +200,33 @@ class AdapterStep:
         for g in self.side:
             if bns := g.bottlenecks(site):
                 t = g.tokens
-                h = _put(h, t, bottleneck_math.compose(bns, sublayer_out[t], residual[t], g.segments), None)
+                if g.block is not None:
+                    out = compose_math.location(g.block, site, sublayer_out[t], residual[t], g.segments)
+                else:
+                    out = bottleneck_math.compose(bns, sublayer_out[t], residual[t], g.segments)
+                h = _put(h, t, out, None)
+        return h
+
+    # ---- layer outputs: ReFT interventions at chosen positions
+    def layer_output(self, layer: int, h: Tensor, positions: Tensor) -> Tensor:
+        """The hidden state after decoder layer `layer` [N, H], with the ReFT interventions of
+        each side group whose first leaf is a ReFT adapter. `positions` [N]: each token's index
+        in its row (AdapterHub rows: the position ids); a row's length is its last token's + 1
+        (a ReFT row's step always ends at its newest token: layout.RowLayout.recompute).
+
+        Reference, per row of length L: reft.intervene (methods/reft.py)."""
+        for g in self.side:
+            reft = g.first.reft
+            if reft is None or layer not in reft.units:
+                continue
+            t = g.tokens
+            pos = positions[t]
+            if g.segments is None:  # one token per row
+                lengths = pos + 1
+            else:
+                last = torch.zeros(int(g.segments.max()) + 1, dtype=pos.dtype, device=pos.device)
+                lengths = last.scatter_reduce(0, g.segments, pos, "amax")[g.segments] + 1
+            h = _put(h, t, reft_math.intervene(reft, layer, h[t], pos, lengths), None)
         return h
 
     # ---- embedding sites
@@ -196,7 +239,7 @@ class AdapterStep:
         if self._on("invertible", "embeddings"):
             h = self.banks["invertible"].embeddings(h, self.slots, self.groups)
         for g in self.side:
-            if (inv := g.setup[0].invertible) is not None:
+            if (inv := g.first.invertible) is not None:
                 h = _put(h, g.tokens, invertible_math.forward(inv, h[g.tokens]), None)
         return h
 
@@ -210,7 +253,7 @@ class AdapterStep:
                  and (head := next((a.head for a in reversed(g.setup) if a.head), None))]
         for g, head in heads:
             z = head_math.transform(head, h[g.logit_rows])
-            if (inv := g.setup[0].invertible) is not None:
+            if (inv := g.first.invertible) is not None:
                 z = invertible_math.inverse(inv, z)
             h = _put(h, g.logit_rows, z, None)
         logits = project(h)
@@ -221,6 +264,14 @@ class AdapterStep:
 
 
 NO_ADAPTERS = AdapterStep()
+
+
+def banked_adapter(setup: Setup, bankable: Callable[[Adapter], bool]) -> Adapter | None:
+    """The one adapter a row's setup consists of, if the banks can hold it (`bankable`); None
+    for no adapter, stacks and composition blocks."""
+    if len(setup) != 1 or getattr(setup, "block", None) is not None or not bankable(setup[0]):
+        return None
+    return setup[0]
 
 
 class RowSpan(NamedTuple):
@@ -347,20 +398,27 @@ def build_adapter_step(
     token_lists = [list(range(f, f + n)) for f, n in zip(firsts, counts)]
     unmerge = None
     if merged is not None:
-        using = [any(same_adapter(a, merged.adapter) for a in setup) for setup in setups]
-        setups = [tuple(merged.residue if same_adapter(a, merged.adapter) else a for a in setup) for setup in setups]
+        # only a row of the merged adapter alone runs on the merged weights (plus its residue); a
+        # stack or composition holding it composes its effects with others' (a stacked LoRA reads
+        # the previous output, an Average scales it): those rows undo the merge like any other row
+        using = [banked_adapter(setup, lambda a: True) is not None and same_adapter(setup[0], merged.adapter)
+                 for setup in setups]
+        setups = [(merged.residue,) if uses else setup for setup, uses in zip(setups, using)]
         others = [t for b, uses in enumerate(using) if not uses for t in token_lists[b]]
         if others:
             unmerge = Unmerge(torch.tensor(others, device=device, dtype=torch.long), merged.inverse_effects)
     row_slots = [0] * len(setups)
     side_rows: dict[tuple, list[int]] = {}
     for b, setup in enumerate(setups):
-        if not setup or all(not (a.linear or a.bottleneck or a.invertible or a.head) for a in setup):
+        block = getattr(setup, "block", None)
+        if not setup or block is None and all(not (a.linear or a.bottleneck or a.invertible or a.head or a.reft)
+                                              for a in setup):
             continue  # nothing per token (none, or only prefix/prompt)
-        if banks is not None and len(setup) == 1 and bankable(setup[0]):
+        if banks is not None and banked_adapter(setup, bankable) is not None:
             row_slots[b] = -1  # filled below, once every slot of the step is known to be in use
         else:
-            side_rows.setdefault(tuple(id(a) for a in setup), []).append(b)
+            key = ("composed", block.key) if block is not None else tuple(id(a) for a in setup)
+            side_rows.setdefault(key, []).append(b)
     if banks is not None:
         in_use: list[int] = []
         for b, setup in enumerate(setups):

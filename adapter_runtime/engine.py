@@ -33,6 +33,7 @@ import torch
 from . import layout, sampling
 from . import merge as merge_ops
 from .batch import Setup
+from .composition import check_reft_prompt
 from .errors import (AdapterConflict, AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest,
                      ModelLoadError)
 from .methods import prefix as prefix_method
@@ -306,7 +307,7 @@ class Engine:
         gated = any(getattr(e, "gate_weight", None) is not None for a in request.setup for e in a.linear.values()) or \
             any(b.gate is not None for a in request.setup for b in a.bottleneck.values())
         seq = Seq(handle, lay.virtual_tokens + len(request.prompt_ids),
-                  whole_prompt=gated or (p.echo and p.logprobs is not None))
+                  whole_prompt=gated or lay.recompute > 0 or (p.echo and p.logprobs is not None))
         with self._cond:
             if self._stopping or self._drain_deadline is not None:
                 raise EngineUnavailable("the server is shutting down")
@@ -322,6 +323,7 @@ class Engine:
         bad = [t for t in request.prompt_ids if not 0 <= t < self.info.vocab_size]
         if bad:
             raise InvalidRequest(f"prompt token ids out of range 0..{self.info.vocab_size - 1}: {bad[:5]}")
+        check_reft_prompt(request.setup, len(request.prompt_ids))
         lay = layout.row_layout(request.setup)
         extra = lay.prefix_len + lay.virtual_tokens  # adapter prefix entries and soft-prompt tokens
         need = extra + len(request.prompt_ids) + p.max_tokens

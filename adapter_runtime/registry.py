@@ -46,7 +46,9 @@ import torch
 
 from .adapters import Adapter
 from .batch import Setup
+from .composition import RowRequest, Spec, build_row, row_setup, validate_stack, validate_tree
 from .errors import AdapterConflict, AdapterIncompatible, AdapterNotFound, InvalidRequest, brief
+from .methods.compose import STACK
 from .store import AdapterStore, StoredAdapter, check_name
 
 log = logging.getLogger(__name__)
@@ -316,44 +318,92 @@ class AdapterRegistry:
                 self._observe("evict", "host")
 
     # ------------------------------------------------------------------ requests
-    def resolve(self, model: str, stack: Sequence[str] | None = None, pin: bool = False) -> Setup:
-        """The adapter setup of a request.
+    def resolve(self, model: str, stack=None, pin: bool = False) -> Setup:
+        """The adapter setup of one engine row.
 
-        model       the base model's name (no adapter) or one adapter's name
-        stack       optional explicit stack of adapter names, applied in order; `model` must
-                    then be the base model or one of the stack's names
-        pin         pin every adapter of the setup (the caller must `release` it)
+        model       the base model's name (no adapter), one adapter's name, or a stored
+                    fusion's name (Fuse of the adapters it was made for)
+        stack       optional: a list of adapter names (a Stack, applied in order), or a
+                    composition (composition.py: the request's object, or one row of it as a
+                    `RowRequest`); `model` must then be the base model or one of its names
+        pin         pin every adapter the row holds (the caller must `release` it)
         """
+        row = None
         if stack is None:
             names = [] if model == self.base_name else [model]
         else:
-            if model != self.base_name and model not in stack:
+            if not isinstance(stack, (list, tuple)):
+                row = stack if isinstance(stack, RowRequest) else RowRequest(stack)
+            names = list(row) if row is not None else list(stack)
+            if model != self.base_name and model not in names:
                 self.get(model)  # 404 for an unknown name, else the mismatch below
-                raise InvalidRequest(f"model {model!r} must be the base model {self.base_name!r} or one of adapters {list(stack)}")
-            if len(set(stack)) != len(stack):
+                raise InvalidRequest(f"model {model!r} must be the base model {self.base_name!r} or one of adapters {names}")
+            if row is None and len(set(stack)) != len(stack):
                 raise InvalidRequest(f"adapters must not repeat a name: {list(stack)}")
-            names = list(stack)
-        setup: list[Adapter] = []
-        try:
-            for name in names:
-                setup.append(self.get(name, pin=pin))
-            if len(setup) > 1:
-                from .formats.adapterhub import validate_stack
+        got: list[Adapter] = []  # every adapter fetched (and pinned, with `pin`), once per use
 
-                validate_stack(setup)  # only combinations whose Stack semantics we implement
+        def get(name: str) -> Adapter:
+            got.append(self.get(name, pin=pin))
+            return got[-1]
+
+        try:
+            if row is None:
+                setup = tuple(get(name) for name in names)
+                if not any(a.fusion is not None for a in setup):
+                    validate_stack(setup)  # only combinations whose Stack semantics we implement
+                    return setup
+                spec = Spec(STACK, tuple(names))  # a stored fusion's name in a stack: Fuse of its adapters
+                for _ in setup:
+                    got.pop()  # fetched again below, in their places in the tree
+                if pin:
+                    self.release(setup, served=False)
+            else:
+                spec = row.spec
+            root = build_row(spec, row, get, lambda fused: get(self.find_fusion(fused)))
+            validate_tree(root)
+            setup = row_setup(root)
+            if pin:  # keep the pins of what the row holds, give back the rest
+                extra = Counter(a.name for a in got) - Counter(a.name for a in getattr(setup, "pinned", setup))
+                surplus = []
+                for a in got:
+                    if extra[a.name] > 0:
+                        extra[a.name] -= 1
+                        surplus.append(a)
+                self.release(surplus, served=False)
+            return setup
         except BaseException:
             if pin:
-                self.release(setup, served=False)
+                self.release(got, served=False)
             raise
-        return tuple(setup)
 
-    def acquire(self, model: str, stack: Sequence[str] | None = None) -> Setup:
+    def find_fusion(self, names: Sequence[str]) -> str:
+        """The stored (or registered) AdapterFusion made for exactly these adapters, in order."""
+        self.refresh_all()
+        with self._lock:
+            candidates = [n for n, m in self._stored.items() if m.format == "adapterhub_fusion"] + \
+                         [n for n, a in self._static.items() if a.fusion is not None]
+        matches = []
+        for name in sorted(candidates):
+            try:
+                if tuple(self.get(name).fusion.adapter_names) == tuple(names):
+                    matches.append(name)
+            except AdapterNotFound:  # deleted meanwhile
+                continue
+        if not matches:
+            raise InvalidRequest(f"no AdapterFusion of adapters {list(names)} is stored here: upload the fusion the "
+                                 "library saved (save_adapter_fusion), or name one with \"name\"", param="adapters")
+        if len(matches) > 1:
+            raise InvalidRequest(f"several fusions fuse {list(names)} ({', '.join(matches)}): choose one with \"name\"",
+                                 param="adapters")
+        return matches[0]
+
+    def acquire(self, model: str, stack=None) -> Setup:
         """`resolve` with every adapter pinned until `release`."""
         return self.resolve(model, stack, pin=True)
 
     def release(self, setup: Setup, served: bool = True) -> None:
         with self._lock:
-            for adapter in setup:
+            for adapter in getattr(setup, "pinned", setup):  # a composed row holds all its adapters
                 name = adapter.name
                 if self._pins[name] > 0:
                     self._pins[name] -= 1

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .banks import AdapterBanks
-from .batch import ForwardBatch, MergedAdapter, RowSpan, Setup, build_adapter_step
+from .batch import ForwardBatch, MergedAdapter, RowSpan, Setup, banked_adapter, build_adapter_step
 from .methods import prefix as prefix_method
 from .models.common import KVCache, prepack
 from .scheduler import StepPlan
@@ -35,6 +35,16 @@ class RowState:
     layout: object  # layout.RowLayout
     all_logits: bool  # prefill returns logits for every prompt token (echo with logprobs)
     last: int = 0  # the newest generated token, not yet in the cache
+
+    def decode_span(self, computed: int) -> tuple[int, list[int]]:
+        """(index of its first token, tokens) of the row's decode step: the newest token; with
+        `layout.recompute` k > 0 the row's last k + 1 tokens, re-run because a ReFT suffix window
+        moved (methods/reft.py). Call once per decode step: such rows keep their generated tokens."""
+        if not self.layout.recompute:
+            return computed, [self.last]
+        self.tokens.append(self.last)
+        first = max(0, computed - self.layout.recompute)
+        return first, self.tokens[first : computed + 1]
 
 
 def buckets_for(max_batch: int) -> list[int]:
@@ -84,16 +94,23 @@ class ModelRunner:
         sequence, then per prefill chunk its last token's (or, for all_logits rows, every token's)."""
         decode = [rows[id(s)] for s in plan.decode]
         chunks = [(rows[id(c.seq)], c) for c in plan.prefill]
-        tokens = [[r.last] for r in decode] + [r.tokens[c.start : c.start + c.count] for r, c in chunks]
-        positions = [r.layout.positions(s.computed, 1) for r, s in zip(decode, plan.decode)] + \
+        spans = [r.decode_span(s.computed) for r, s in zip(decode, plan.decode)]  # (first index, tokens)
+        tokens = [t for _, t in spans] + [r.tokens[c.start : c.start + c.count] for r, c in chunks]
+        positions = [r.layout.positions(i, len(t)) for r, (i, t) in zip(decode, spans)] + \
                     [r.layout.positions(c.start, c.count) for r, c in chunks]
         slots = [s.slot for s in plan.decode] + [c.seq.slot for c in plan.prefill]
-        starts = [r.layout.prefix_len + s.computed for r, s in zip(decode, plan.decode)] + \
+        starts = [r.layout.prefix_len + i for r, (i, _) in zip(decode, spans)] + \
                  [r.layout.prefix_len + c.start for r, c in chunks]
         setups = [r.setup for r in decode] + [r.setup for r, _ in chunks]
         every = [False] * len(decode) + [r.all_logits for r, _ in chunks]
         done = [10**9] * len(decode) + [c.start for _, c in chunks]
-        static = not chunks and self._bucket(len(decode))
+        # one-token rows must lead the batch: a decode row that re-runs a window moves behind them
+        order = sorted(range(len(tokens)), key=lambda b: len(tokens[b]) != 1)
+        if order != list(range(len(tokens))):
+            tokens, positions, slots, starts, setups, every, done = (
+                [xs[b] for b in order] for xs in (tokens, positions, slots, starts, setups, every, done))
+        static = not chunks and len(tokens) == len(decode) and all(len(t) == 1 for t in tokens) and \
+            self._bucket(len(decode))
         pad = (self._bucket(len(decode)) - len(decode)) if static and self.compile else 0  # eager: no padding
         counts = [len(t) for t in tokens] + [1] * pad
         logit_rows, m = [], 0
@@ -116,6 +133,9 @@ class ModelRunner:
             max_kv=self.cache.max_len,
         )
         logits = self._forward(batch, static and adapters.static_safe())
+        if order != list(range(len(order))):  # back to the plan's row order
+            place = {b: i for i, b in enumerate(order)}
+            logits = logits[[m for b in range(len(order)) for m in logit_rows[place[b]]]]
         return logits[: logits.shape[0] - pad] if pad else logits
 
     def _read_slots(self, slots: list[int], pad: int) -> list[int]:
@@ -215,9 +235,9 @@ class ModelRunner:
         that weights that do not fit fail this request alone."""
         from .banks import bankable
 
-        if len(setup) == 1 and bankable(setup[0]):
+        if (adapter := banked_adapter(setup, bankable)) is not None:
             in_use = [s for o in others if len(o) == 1 and (s := self.banks.peek(o[0])) is not None]
-            self.banks.slot(setup[0], in_use)
+            self.banks.slot(adapter, in_use)
 
     def warm_up(self, wait: bool = False) -> None:
         """Start compiling the static decode step for every bucket (base rows, scratch slot) in
@@ -238,6 +258,7 @@ class ModelRunner:
 
 class _PlainLayout:
     prefix_len = 0
+    recompute = 0
 
     @staticmethod
     def positions(start: int, count: int) -> list[int]:

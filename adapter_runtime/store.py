@@ -1,6 +1,7 @@
 """The on-disk adapter store: every uploaded adapter, normalized, one folder per name.
 
-    <root>/<name>/adapter_config.json       the config as uploaded (re-serialized JSON)
+    <root>/<name>/adapter_config.json       the config as uploaded (re-serialized JSON;
+                                            adapter_fusion_config.json for an AdapterFusion)
     <root>/<name>/adapter_model.safetensors (PEFT) or adapter.safetensors (AdapterHub)
     <root>/<name>/meta.json                 {name, format, method, created, sha256, parameters, bytes,
                                              uid, base}
@@ -29,15 +30,17 @@ import re
 import shutil
 import time
 import uuid
-import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .adapters import Adapter, LoRA
 from .errors import (AdapterConflict, AdapterFormatError, AdapterIncompatible, AdapterNotFound, AdapterUnsupported,
                      InvalidRequest, brief)
-from .formats import detect_format, load_adapter, read_json, read_tensors
-from .formats.adapterhub import HEAD_WEIGHT_FILES, eject_prefix, is_flex_model
+from .formats import config_file, detect_format, load_adapter, read_json, read_tensors
+from .formats.adapterhub.fusion import FUSION_CONFIG, FUSION_WEIGHT_FILES, is_fusion_dir
+from .export import eject_prefix, write_zip
+from .formats.adapterhub.head import HEAD_WEIGHT_FILES, is_flex_model
+from .formats.adapterhub.keys import PREFIX_ALIAS
 from .models.common import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -47,11 +50,11 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 WEIGHTS = {
     "peft": (("adapter_model.safetensors", "adapter_model.bin"), "adapter_model.safetensors"),
     "adapterhub": (("adapter.safetensors", "pytorch_adapter.bin"), "adapter.safetensors"),
+    "adapterhub_fusion": (FUSION_WEIGHT_FILES, FUSION_WEIGHT_FILES[0]),
 }
-PREFIX_ALIAS = "prefix_tuning.pool.prefix_tunings."
 # every file an adapter reader may open (registration copies exactly these out of --adapter-root)
-ADAPTER_FILES = ("adapter_config.json", "head_config.json", *(f for accepted, _ in WEIGHTS.values() for f in accepted),
-                 *HEAD_WEIGHT_FILES)
+ADAPTER_FILES = ("adapter_config.json", FUSION_CONFIG, "head_config.json",
+                 *(f for accepted, _ in WEIGHTS.values() for f in accepted), *HEAD_WEIGHT_FILES)
 # config keys that say nothing about the model's shape or math (paths, versions, runtime flags)
 VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "use_cache")
 # methods served as a LoRA whose rank is not the config's `r` (factors multiplied out by
@@ -171,10 +174,12 @@ def normalize(src: Path, dst: Path, format: str | None, info: ModelInfo) -> str:
     """Write `src`'s adapter into the empty folder `dst` in normalized form; return its format.
     AdapterHub prefix tuning is stored ejected: flat K/V and `flat: true`."""
     format = format or detect_format(src)
+    if format == "adapterhub" and is_fusion_dir(src):
+        format = "adapterhub_fusion"
     if format not in WEIGHTS:
         raise AdapterFormatError(f"unknown adapter format {format!r}; expected one of {', '.join(WEIGHTS)}")
     accepted, target = WEIGHTS[format]
-    config = read_json(src / "adapter_config.json")
+    config = read_json(src / config_file(format))
     tensors = read_tensors(src, accepted)  # safetensors, or weights_only torch.load: never a code pickle
     if format == "adapterhub":
 
@@ -183,7 +188,9 @@ def normalize(src: Path, dst: Path, format: str | None, info: ModelInfo) -> str:
     tensors = {k: v.contiguous().clone() for k, v in tensors.items() if PREFIX_ALIAS not in k}
     from safetensors.torch import save_file
 
-    (dst / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    if format == "adapterhub_fusion":
+        load_adapter(src, info, None, format)  # validates (a fusion has no store form of its own)
+    (dst / config_file(format)).write_text(json.dumps(config, indent=2))
     save_file(tensors, str(dst / target), metadata={"format": "pt"})
     if format == "adapterhub" and is_flex_model(config) and (src / "head_config.json").is_file():
         # a flex-model adapter's own causal-LM head: kept (HF classes' head files are dropped)
@@ -268,7 +275,7 @@ class AdapterStore:
             raise AdapterFormatError(f"meta.json of {folder.name!r} has unexpected fields: {e}") from None
         if meta.name != folder.name or meta.format not in WEIGHTS:
             raise AdapterFormatError(f"meta.json does not describe {folder.name!r}")
-        read_json(folder / "adapter_config.json")
+        read_json(folder / config_file(meta.format))
         weights = folder / WEIGHTS[meta.format][1]
         from safetensors import safe_open
 
@@ -333,7 +340,4 @@ class AdapterStore:
         folder = self.path(name)
         if not folder.is_dir():
             raise AdapterNotFound(f"adapter {name!r} is not in the store")
-        with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
-            for f in sorted(folder.iterdir()):
-                if f.name != "meta.json":
-                    z.write(f, f.name)
+        write_zip(folder, out)

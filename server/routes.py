@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable, Sequence
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from adapter_runtime.composition import adapter_names, request_rows
 from adapter_runtime.engine import Completion, Engine, Event, RequestHandle, TokenLogprob
 from adapter_runtime.engine import Request as EngineRequest
 from adapter_runtime.errors import AdapterNotFound, InvalidRequest
@@ -75,13 +76,15 @@ async def completions(body: CompletionRequest, request: Request, engine: Engine 
                       settings: Settings = Depends(get_settings)):
     check_fields(body, REFUSED_COMPLETIONS)
     prompts = await prompt_token_ids(engine, settings, body.prompt)
-    limits.check_request(settings, prompts, body.max_tokens, body.adapters, body.stop_token_ids, engine.info.vocab_size)
+    limits.check_request(settings, prompts, body.max_tokens, adapter_names(body.adapters), body.stop_token_ids,
+                         engine.info.vocab_size)
     params = sampling_params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs, body.echo)
     handles = await submit_choices(request, engine, settings, body, prompts, params)
+    per_prompt = len(handles) // len(prompts)  # engine requests per prompt: best_of or n, times Parallel channels
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
     if body.stream:
-        return StreamingResponse(sse(handles, head, completion_chunk(handles), include_usage(body), body.n),
+        return StreamingResponse(sse(handles, head, completion_chunk(handles), include_usage(body), per_prompt),
                                  media_type="text/event-stream")
     results = await wait_all(request, handles)
     if results is None:  # the client went away; nobody reads this
@@ -91,7 +94,7 @@ async def completions(body: CompletionRequest, request: Request, engine: Engine 
         **head,
         choices=[CompletionChoice(index=i, text=c.text, logprobs=logprobs_object(c.logprobs),
                                   finish_reason=finish(c.finish_reason)) for i, c in enumerate(chosen)],
-        usage=usage_of(results, choices_per_prompt(body)),
+        usage=usage_of(results, per_prompt),
     )
 
 
@@ -192,18 +195,22 @@ def context_room(engine: Engine, ids: Sequence[int], setup, settings: Settings) 
 async def submit_choices(request: Request, engine: Engine, settings: Settings, body: SamplingRequest,
                          prompts: Sequence[Sequence[int]], params: SamplingParams,
                          open_ended: bool = False) -> list[RequestHandle]:
-    """One engine request per choice (best_of, else n, per prompt; prompt-major order), each with
-    its own seed (`choice_seed`). `open_ended`: max_tokens is the rest of the context."""
+    """One engine request per choice (best_of, else n, per prompt and per Parallel channel;
+    prompt-major, then channel order), each with its own seed (`choice_seed`). BatchSplit and
+    MultiTask give each prompt its child (composition.request_rows). `open_ended`: max_tokens
+    is the rest of the context."""
     metrics = request.app.state.metrics
     model, count = adapter_model(engine, body), choices_per_prompt(body)
-    total = len(prompts) * count
+    rows = request_rows(body.adapters, len(prompts))  # per prompt: each engine row's adapters
+    total = sum(len(r) for r in rows) * count
     rid = getattr(request.state, "request_id", "") or uuid.uuid4().hex
     slots = request.app.state.limiter.take(limits.client_key(request), total)  # 429 past max_streams_per_key
     handles: list[RequestHandle] = []
     try:
         for i, ids in enumerate(prompts):
-            for j in range(count):  # each request pins its adapters until it ends (see registry.py)
-                setup = await asyncio.to_thread(engine.registry.acquire, model, body.adapters)
+            for j, adapters in ((j, a) for a in rows[i] for j in range(count)):
+                # each request pins its adapters until it ends (see registry.py)
+                setup = await asyncio.to_thread(engine.registry.acquire, model, adapters)
                 try:
                     p = replace(params, seed=choice_seed(params.seed, j))
                     if open_ended:
@@ -218,7 +225,7 @@ async def submit_choices(request: Request, engine: Engine, settings: Settings, b
         slots.release(total - len(handles))  # submitted ones give theirs back when they end
         cancel(handles)
         raise
-    for name in body.adapters or [model]:  # names that resolved: a bounded label set
+    for name in adapter_names(body.adapters) or [model]:  # names that resolved: a bounded label set
         metrics.adapter_requests.labels(name).inc(total)
     return handles
 

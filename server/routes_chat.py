@@ -12,6 +12,7 @@ from typing import Sequence
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response, StreamingResponse
 
+from adapter_runtime.composition import adapter_names
 from adapter_runtime.engine import Engine, Event, TokenLogprob
 from adapter_runtime.errors import InvalidRequest, ModelLoadError
 from adapter_runtime.tokenizer import render_chat
@@ -87,16 +88,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     ids = await chat_prompt_ids(request, engine, settings, body, body.add_special_tokens)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    limits.check_request(settings, [ids], max_tokens, body.adapters, body.stop_token_ids,
+    limits.check_request(settings, [ids], max_tokens, adapter_names(body.adapters), body.stop_token_ids,
                          engine.info.vocab_size)
     params = sampling_params(body, max_tokens or 0, (body.top_logprobs or 0) if body.logprobs else None)
     handles = await submit_choices(request, engine, settings, body, [ids], params, open_ended=max_tokens is None)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                   for i in range(body.n)]
+                   for i in range(len(handles))]  # n, times the channels of a Parallel
         return StreamingResponse(sse(handles, {**head, "object": "chat.completion.chunk"},
-                                     chat_chunk(engine, body.logprobs), include_usage(body), body.n, opening),
+                                     chat_chunk(engine, body.logprobs), include_usage(body), len(handles), opening),
                                  media_type="text/event-stream")
     results = await wait_all(request, handles)
     if results is None:  # the client went away; nobody reads this
@@ -105,7 +106,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, engine
                           logprobs=chat_logprobs(engine, c.logprobs) if body.logprobs else None,
                           finish_reason=finish(c.finish_reason))
                for i, c in enumerate(best_choices(results, body.n, choices_per_prompt(body)))]
-    return ChatCompletionResponse(**head, choices=choices, usage=usage_of(results, choices_per_prompt(body)))
+    return ChatCompletionResponse(**head, choices=choices, usage=usage_of(results, len(results)))
 
 
 def chat_chunk(engine: Engine, logprobs: bool):

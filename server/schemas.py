@@ -77,7 +77,9 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0.0, description="extension (vLLM): > 1 discourages prompt and output tokens")
     logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
     user: str | None = None
-    adapters: list[str] | None = Field(None, description="extension: a stack of adapter names, applied in order")
+    adapters: list[str] | dict[str, Any] | None = Field(
+        None, description="extension: a stack of adapter names, applied in order, or a composition block "
+        "({\"fuse\" | \"average\" | \"parallel\" | \"batch_split\" | \"multi_task\" | \"stack\": [...]}; README)")
     adapter_id: str | None = Field(None, description="LoRAX alias of `model`: the adapter to use")
 
 

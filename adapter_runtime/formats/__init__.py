@@ -1,4 +1,5 @@
-"""Readers for on-disk adapter formats. `load_adapter` detects the format and dispatches.
+"""Readers for on-disk adapter formats. `load_adapter` detects the format and dispatches:
+"adapterhub" (`save_adapter`), "adapterhub_fusion" (`save_adapter_fusion`), "peft".
 
 Shared helpers here keep every reader strict in the same way: JSON and tensors are read
 safely (safetensors, or `torch.load(weights_only=True)`, never unrestricted pickle), and
@@ -26,7 +27,8 @@ from ..models.common import ModelInfo
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("adapterhub", "peft")
+FORMATS = ("adapterhub", "adapterhub_fusion", "peft")
+CONFIG_FILES = {"adapterhub_fusion": "adapter_fusion_config.json"}  # others: adapter_config.json
 MAX_JSON_DEPTH = 32  # real adapter configs nest 5 levels or so
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
@@ -104,7 +106,15 @@ def expect_shape(key: str, tensor: Tensor, shape: tuple[int, ...]) -> Tensor:
     return tensor
 
 
+def config_file(format: str) -> str:
+    return CONFIG_FILES.get(format, "adapter_config.json")
+
+
 def detect_format(directory: Path) -> str:
+    from .adapterhub.fusion import is_fusion_dir
+
+    if is_fusion_dir(directory):
+        return "adapterhub_fusion"
     config = read_json(directory / "adapter_config.json")
     check_config_types(config)
     if "peft_type" in config:
@@ -132,11 +142,15 @@ def load_adapter(directory: str | Path, info: ModelInfo, name: str | None = None
     if format not in FORMATS:
         raise AdapterFormatError(f"unknown adapter format {format!r}; expected one of {', '.join(FORMATS)}")
     try:
-        check_config_types(read_json(directory / "adapter_config.json"))
+        check_config_types(read_json(directory / config_file(format)))
         if format == "adapterhub":
             from .adapterhub import read_adapterhub
 
             adapter = read_adapterhub(directory, info, name)
+        elif format == "adapterhub_fusion":
+            from .adapterhub.fusion import read_fusion
+
+            adapter = read_fusion(directory, info, name)
         else:
             from .peft import read_peft
 

@@ -53,18 +53,23 @@ def _layer_norm(x: Tensor, params: tuple[Tensor, Tensor] | None) -> Tensor:
     return F.layer_norm(x, (x.shape[-1],), weight, bias, LN_EPS)
 
 
-def branch(a: Bottleneck, x: Tensor, segments: Tensor | None) -> Tensor:
-    """u(x) = U(act(D(LN_before(x)))) * scaling * gate(x)   [n, H]"""
+def up_projection(a: Bottleneck, x: Tensor) -> Tensor:
+    """U(act(D(LN_before(x)))) * scaling   [n, H]: what an AdapterFusion attends over."""
     z = F.linear(_layer_norm(x, a.ln_before), a.down_weight, a.down_bias)
-    up = F.linear(activation(a.activation)(z), a.up_weight, a.up_bias) * a.scaling
+    return F.linear(activation(a.activation)(z), a.up_weight, a.up_bias) * a.scaling
+
+
+def branch(a: Bottleneck, x: Tensor, segments: Tensor | None, up: Tensor | None = None) -> Tensor:
+    """u(x) = U(act(D(LN_before(x)))) * scaling * gate(x)   [n, H] (`up`: the first factors, if known)"""
+    up = up_projection(a, x) if up is None else up
     if a.gate is not None:  # gate reads the pre-LN input; mean over the row's tokens in this forward
         up = up * token_mean(torch.sigmoid(F.linear(x, *a.gate)), segments)
     return up
 
 
-def forward(a: Bottleneck, x: Tensor, ares: Tensor, segments: Tensor | None) -> Tensor:
+def forward(a: Bottleneck, x: Tensor, ares: Tensor, segments: Tensor | None, up: Tensor | None = None) -> Tensor:
     """One adapter's output before the block's post-processing (§3.1 steps 2-5)."""
-    out = branch(a, x, segments)
+    out = branch(a, x, segments, up)
     if a.is_parallel:
         return _layer_norm(out, a.ln_after)
     if a.adapter_residual_before_ln:
@@ -75,20 +80,28 @@ def forward(a: Bottleneck, x: Tensor, ares: Tensor, segments: Tensor | None) -> 
     return out
 
 
+def pre(a: Bottleneck, v: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """(x, ares): the adapter's input and adapter residual from the running value v (§7.2.1 step 1)."""
+    if a.is_parallel:
+        return r, r
+    x = v + r if a.original_ln_before else v
+    return x, (v if a.residual_before_ln is True else x)
+
+
+def post(a: Bottleneck, v: Tensor, s: Tensor, r: Tensor) -> Tensor:
+    """The last adapter's post-processing: the block's hidden state (§7.2.1 step 3)."""
+    if a.is_parallel:
+        return v + s + r if a.original_ln_after else v + s
+    return v + r if a.original_ln_after else v
+
+
 def compose(stack: Sequence[Bottleneck], s: Tensor, r: Tensor, segments: Tensor | None) -> Tensor:
     """The block's hidden state after the location: see the module docstring."""
     v = s
     for a in stack:
-        if a.is_parallel:
-            x, ares = r, r
-        else:
-            x = v + r if a.original_ln_before else v
-            ares = v if a.residual_before_ln is True else x
+        x, ares = pre(a, v, r)
         v = forward(a, x, ares, segments)
-    last = stack[-1]
-    if last.is_parallel:
-        return v + s + r if last.original_ln_after else v + s
-    return v + r if last.original_ln_after else v
+    return post(stack[-1], v, s, r)
 
 
 def phm_weight(rule: Tensor, W: Tensor) -> Tensor:

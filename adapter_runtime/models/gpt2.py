@@ -68,7 +68,8 @@ class Block(nn.Module):
         a = self.attn(self.ln_1(h), masks, batch, cache)
         h = ad.residual(self.layer, "attn", a, h)  # bottleneck site after attention
         f = self.mlp(self.ln_2(h), batch)
-        return ad.residual(self.layer, "ffn", f, h)  # bottleneck site after the MLP
+        h = ad.residual(self.layer, "ffn", f, h)  # bottleneck site after the MLP
+        return ad.layer_output(self.layer, h, batch.positions)  # ReFT site: the whole layer's output
 
 
 class GPT2Body(nn.Module):

@@ -143,7 +143,8 @@ class DecoderLayer(nn.Module):
         a = self.self_attn(self.input_layernorm(h), rope, masks, batch, cache)
         h = ad.residual(self.layer, "attn", a, h)  # bottleneck site after attention
         f = self.mlp(self.post_attention_layernorm(h), batch)
-        return ad.residual(self.layer, "ffn", f, h)  # bottleneck site after the MLP
+        h = ad.residual(self.layer, "ffn", f, h)  # bottleneck site after the MLP
+        return ad.layer_output(self.layer, h, batch.positions)  # ReFT site: the whole layer's output
 
 
 class LlamaBody(nn.Module):

@@ -303,7 +303,7 @@ class RemoteRegistry:
 
     def acquire(self, model: str, stack=None) -> RemoteSetup:
         key = self.key(model, stack)
-        stack = list(stack) if stack is not None else None
+        stack = list(stack) if isinstance(stack, (list, tuple)) else stack  # a composition row travels as it is
         return RemoteSetup(key, model, stack, self._engine.call("reserve", model, stack, key=key))
 
     def release(self, setup, served: bool = True) -> None:
