@@ -7,22 +7,22 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.deps import get_engine
 from server.settings import Settings
 from tests.support.fake_engine import FakeEngine
 
 
 @pytest.fixture
 def api():
-    """make(engine=None, **settings) -> a TestClient for a fresh app with these settings whose
-    routes get `engine` (a new FakeEngine by default; `client.engine`). The lifespan does not
-    run: nothing is built or started."""
+    """make(engine=None, **settings) -> a TestClient for a fresh app with these settings serving
+    `engine` (a new FakeEngine by default; `client.engine`), put where the lifespan would put a
+    started engine, so the routes' `get_engine` dependency (not overridden) checks it is
+    running. The lifespan does not run: nothing is built or started."""
     clients = []
 
     def make(engine: FakeEngine | None = None, **settings) -> TestClient:
         engine = engine or FakeEngine()
         app = create_app(Settings(**settings))
-        app.dependency_overrides[get_engine] = lambda: engine
+        app.state.engine = engine
         client = TestClient(app, raise_server_exceptions=False)
         client.engine = engine
         clients.append(client)
