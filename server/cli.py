@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import types
 import typing
 from typing import Sequence
 
+import uvicorn
 from pydantic import ValidationError
 
+from .auth import bind_host
+from .middleware import configure_logging
 from .settings import ENV_PREFIX, Flag, Settings
 
 
@@ -62,14 +66,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser().error("; ".join(setting_error(err) for err in e.errors()))
     if settings.demo and settings.model:
         parser().error("--demo registers adapters made for the embedded model; it cannot be combined with --model")
-    from .middleware import configure_logging
-
     configure_logging(settings.log_level, settings.log_format)
-
-    from .auth import bind_host
-
     settings = bind_host(settings)
-
+    # the app and the cluster are imported once the flags are good: they load torch (and Ray),
+    # which `--help` and a flag error do not need
     if settings.replicas is not None or settings.ray_address or settings.max_replicas:
         from . import cluster
 
@@ -88,10 +88,6 @@ def run_server(app, settings: Settings) -> None:
     /health) with 503, so load balancers see "draining", not "connection refused"; once the
     engine is idle it stops listening, waits for the last responses, and exits 0. A second
     signal stops at once."""
-    import time
-
-    import uvicorn
-
     class DrainingServer(uvicorn.Server):
         drain_until: float | None = None  # set by the first signal
 

@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import Request
 
-from adapter_runtime.engine import Engine
 from adapter_runtime.errors import EngineUnavailable
 
 from .settings import Settings
+
+if TYPE_CHECKING:  # the engine module loads torch; the CLI imports this before it needs torch
+    from adapter_runtime.engine import Engine
 
 
 def get_engine(request: Request) -> Engine:

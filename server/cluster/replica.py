@@ -19,6 +19,8 @@ from adapter_runtime.engine import Event, Request
 from adapter_runtime.errors import AdapterRuntimeError
 from adapter_runtime.sampling import SamplingParams
 
+from ..app import build_engine
+from ..metrics import Metrics
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,9 +75,6 @@ class Snapshot:
 class EngineReplica:
     def __init__(self, settings: Settings):
         from ray import serve
-
-        from ..app import build_engine
-        from ..metrics import Metrics
 
         self.settings = settings
         self.replica = serve.get_replica_context().replica_id.unique_id
