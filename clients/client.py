@@ -523,32 +523,42 @@ PLANS = {name: plan for name, plan in vars(Api).items() if inspect.isgeneratorfu
 STREAMS = ("stream", "chat_stream")  # plans whose result is an iterator of chunks
 
 
-def run_plan(plan: Generator[Call, Any, Any], perform: Callable[[Call], Any]) -> Any:
+Plan = Generator[Call, Any, Any]
+
+
+def advance(plan: Plan, value: Any, error: AdapterServerError | None) -> tuple[bool, Any]:
+    """Give the plan its last call's result (or throw in its error): (True, the plan's result)
+    when it is done, else (False, its next call)."""
+    try:
+        return False, plan.throw(error) if error else plan.send(value)
+    except StopIteration as done:
+        return True, done.value
+
+
+def run_plan(plan: Plan, perform: Callable[[Call], Any]) -> Any:
     """Run a plan, performing each call blocking; a failed call's error is thrown into the plan."""
-    value, error = None, None
-    while True:
+    done, step = advance(plan, None, None)
+    while not done:
         try:
-            request = plan.throw(error) if error else plan.send(value)
-        except StopIteration as done:
-            return done.value
-        try:
-            value, error = perform(request), None
+            result = perform(step)
         except AdapterServerError as e:
-            value, error = None, e
+            done, step = advance(plan, None, e)
+        else:
+            done, step = advance(plan, result, None)
+    return step
 
 
-async def arun_plan(plan: Generator[Call, Any, Any], perform: Callable[[Call], Awaitable[Any]]) -> Any:
+async def arun_plan(plan: Plan, perform: Callable[[Call], Awaitable[Any]]) -> Any:
     """`run_plan`, each call awaited."""
-    value, error = None, None
-    while True:
+    done, step = advance(plan, None, None)
+    while not done:
         try:
-            request = plan.throw(error) if error else plan.send(value)
-        except StopIteration as done:
-            return done.value
-        try:
-            value, error = await perform(request), None
+            result = await perform(step)
         except AdapterServerError as e:
-            value, error = None, e
+            done, step = advance(plan, None, e)
+        else:
+            done, step = advance(plan, result, None)
+    return step
 
 
 def with_api(asynchronous: bool):
@@ -581,8 +591,22 @@ def with_api(asynchronous: bool):
     return decorate
 
 
+class Connection:
+    """What both clients hold: the httpx client (with the URL and the key every call sends),
+    the admin key, and the base model's name once asked."""
+
+    def __init__(self, http_class, base_url, api_key, timeout, transport, admin_key):
+        api_key, self.admin_key = client_keys(api_key, admin_key)
+        self.http = http_class(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
+        self._base: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        return str(self.http.base_url).rstrip("/")
+
+
 @with_api(asynchronous=False)
-class AdapterServerClient:
+class AdapterServerClient(Connection):
     """Blocking client. `base_url` defaults to $ADAPTER_CLIENT_URL, then http://127.0.0.1:8000;
     `api_key` to $ADAPTER_CLIENT_API_KEY and `admin_key` to $ADAPTER_CLIENT_ADMIN_KEY. Admin
     calls (upload, register, delete, merge, reset) send the admin key when there is one, every
@@ -592,13 +616,7 @@ class AdapterServerClient:
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | httpx.Timeout | None = None, transport: httpx.BaseTransport | None = None,
                  admin_key: str | None = None):
-        api_key, self.admin_key = client_keys(api_key, admin_key)
-        self.http = httpx.Client(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
-        self._base: str | None = None
-
-    @property
-    def base_url(self) -> str:
-        return str(self.http.base_url).rstrip("/")
+        super().__init__(httpx.Client, base_url, api_key, timeout, transport, admin_key)
 
     def close(self) -> None:
         self.http.close()
@@ -611,10 +629,8 @@ class AdapterServerClient:
 
     def _perform(self, call: Call) -> Any:
         content = chunks(call.upload.content, call.progress) if call.upload else None
-        request = self.http.build_request(call.method, call.path, json=call.json, params=call.params, content=content,
-                                          headers=request_headers(call, self.admin_key))
         try:
-            response = self.http.send(request, stream=call.stream)
+            response = self.http.send(build_request(self.http, call, self.admin_key, content), stream=call.stream)
         except httpx.TransportError as e:
             raise ConnectionFailed(0, f"cannot reach {self.base_url}: {e}", "connection_error") from e
         if call.stream and not response.is_success:
@@ -636,19 +652,13 @@ class AdapterServerClient:
 
 
 @with_api(asynchronous=True)
-class AsyncAdapterServerClient:
+class AsyncAdapterServerClient(Connection):
     """The same API as `AdapterServerClient`, every call awaitable; `stream` is an async iterator."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | httpx.Timeout | None = None, transport: httpx.AsyncBaseTransport | None = None,
                  admin_key: str | None = None):
-        api_key, self.admin_key = client_keys(api_key, admin_key)
-        self.http = httpx.AsyncClient(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
-        self._base: str | None = None
-
-    @property
-    def base_url(self) -> str:
-        return str(self.http.base_url).rstrip("/")
+        super().__init__(httpx.AsyncClient, base_url, api_key, timeout, transport, admin_key)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -661,10 +671,8 @@ class AsyncAdapterServerClient:
 
     async def _perform(self, call: Call) -> Any:
         content = achunks(call.upload.content, call.progress) if call.upload else None
-        request = self.http.build_request(call.method, call.path, json=call.json, params=call.params, content=content,
-                                          headers=request_headers(call, self.admin_key))
         try:
-            response = await self.http.send(request, stream=call.stream)
+            response = await self.http.send(build_request(self.http, call, self.admin_key, content), stream=call.stream)
         except httpx.TransportError as e:
             raise ConnectionFailed(0, f"cannot reach {self.base_url}: {e}", "connection_error") from e
         if call.stream and not response.is_success:
@@ -685,9 +693,11 @@ class AsyncAdapterServerClient:
             await response.aclose()
 
 
-def request_headers(call: Call, admin_key: str | None) -> dict | None:
-    """The admin key for admin calls; the multipart type and size of an upload sent in chunks."""
+def build_request(http: httpx.Client | httpx.AsyncClient, call: Call, admin_key: str | None, content) -> httpx.Request:
+    """The request of `call`: the admin key for admin calls; an upload's multipart type and
+    size, its bytes sent as `content` (chunks that report progress)."""
     headers = admin_headers(admin_key) if call.admin else {}
     if call.upload:
         headers.update({"content-type": call.upload.content_type, "content-length": str(len(call.upload.content))})
-    return headers or None
+    return http.build_request(call.method, call.path, json=call.json, params=call.params, content=content,
+                              headers=headers or None)
