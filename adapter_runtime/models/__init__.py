@@ -12,7 +12,7 @@ from torch import nn
 from ..errors import ModelLoadError
 from .common import KVCache, ModelInfo
 from .gpt2 import GPT2LMHeadModel
-from .llama import LLAMA_TYPES, LlamaForCausalLM
+from .llama import LLAMA_TYPES, LlamaForCausalLM, Rotary
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -73,17 +73,23 @@ def build_model(config, state: dict[str, torch.Tensor], dtype: torch.dtype, devi
     if missing or unexpected:
         raise ModelLoadError(f"checkpoint does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
-        model.lm_head.weight = (model.transformer.wte if cls is GPT2LMHeadModel else model.model.embed_tokens).weight
-    # buffers created on meta (rotary inv_freq) are recomputed on the real device
-    if cls is LlamaForCausalLM:
-        from .llama import Rotary
-
+        model.lm_head.weight = input_embeddings(model).weight
+    if cls is LlamaForCausalLM:  # a buffer created on meta is recomputed for real, kept in fp32 under any dtype
         model.model.rotary = Rotary(config)
     model = model.to(device=device, dtype=dtype).eval()
     if cls is LlamaForCausalLM:
         model.model.rotary.inv_freq = model.model.rotary.inv_freq.float()
     model.requires_grad_(False)
     return model
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    return model.transformer.wte if isinstance(model, GPT2LMHeadModel) else model.model.embed_tokens
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks in order (each family names them its own way)."""
+    return model.transformer.h if isinstance(model, GPT2LMHeadModel) else model.model.layers
 
 
 def load_model(model_dir: str | Path | None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
@@ -138,5 +144,5 @@ def default_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     return LoadedModel(model, build_byte_tokenizer(), model.info, DEFAULT_MODEL_NAME, (256,))
 
 
-__all__ = ["KVCache", "LoadedModel", "ModelInfo", "load_model", "model_class", "build_model", "DEFAULT_MODEL_NAME",
-           "DEFAULT_WEIGHTS", "default_model_config"]
+__all__ = ["KVCache", "LoadedModel", "ModelInfo", "load_model", "model_class", "build_model", "decoder_layers",
+           "input_embeddings", "DEFAULT_MODEL_NAME", "DEFAULT_WEIGHTS", "default_model_config"]
