@@ -17,7 +17,9 @@ Each folder is still a directory its own library can load: `.bin` weights are re
 safetensors after the safe read, head files and AdapterHub's per-layer prefix aliases (copies
 of the canonical prefix) are dropped. An adapter is written into `<root>/.tmp-<uuid>/`, fsynced,
 validated by loading it against the base model, and only then renamed to `<root>/<name>`: a
-crash leaves at most a `.tmp-*` folder, which the next start deletes.
+crash leaves at most a `.tmp-*` folder, which a later start or shutdown deletes once nothing in
+it has changed for `LEFTOVER_AGE_S` (the store may be shared by several servers or cluster
+replicas: a fresh temp folder may be another process's upload in progress).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ WEIGHTS = {
 # every file an adapter reader may open (registration copies exactly these out of --adapter-root)
 ADAPTER_FILES = ("adapter_config.json", FUSION_CONFIG, "head_config.json",
                  *(f for accepted, _ in WEIGHTS.values() for f in accepted), *HEAD_WEIGHT_FILES)
+LEFTOVER_PREFIXES = (".tmp-", ".trash-")  # folders of writes and deletes in progress
+LEFTOVER_AGE_S = 3600.0  # a temp folder untouched this long is a crashed write's leftover
 # config keys that say nothing about the model's shape or math (paths, versions, runtime flags)
 VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "use_cache")
 # methods served as a LoRA whose rank is not the config's `r` (factors multiplied out by
@@ -154,6 +158,25 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def remove_if_stale(entry: Path, max_age_s: float = LEFTOVER_AGE_S) -> bool:
+    """Delete a temp file or folder when nothing in it changed for `max_age_s` seconds (the
+    newest mtime of the folder and everything below it)."""
+    try:
+        newest = entry.lstat().st_mtime
+        if entry.is_dir() and not entry.is_symlink():
+            for below in entry.rglob("*"):
+                newest = max(newest, below.lstat().st_mtime)
+    except FileNotFoundError:  # its owner finished (renamed or removed it) meanwhile
+        return False
+    if time.time() - newest < max_age_s:
+        return False
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -231,8 +254,8 @@ class AdapterStore:
         found, self.skipped, self.foreign = [], {}, {}
         legacy = 0
         for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith((".tmp-", ".trash-")):  # an interrupted write or delete
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.name.startswith(LEFTOVER_PREFIXES):  # a write or delete: interrupted, or another process's
+                remove_if_stale(entry)
                 continue
             if not entry.is_dir():
                 continue
@@ -256,10 +279,11 @@ class AdapterStore:
         return found
 
     def sweep(self) -> None:
-        """Delete leftovers of interrupted writes (`.tmp-*`, `.trash-*`), e.g. at shutdown."""
+        """Delete leftovers of interrupted writes (`.tmp-*`, `.trash-*`), e.g. at shutdown; a
+        temp folder changed within `LEFTOVER_AGE_S` may be another process's write and stays."""
         for entry in list(self.root.iterdir()):
-            if entry.name.startswith((".tmp-", ".trash-")):
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.name.startswith(LEFTOVER_PREFIXES):
+                remove_if_stale(entry)
 
     def _check_weights(self, folder: Path, meta: StoredAdapter) -> None:
         """The weights file is the one registered (its sha256): a corrupted adapter never runs."""

@@ -87,3 +87,28 @@ def test_without_sharing_a_registry_keeps_what_it_read(tmp_path, loras):
     a.add("z", loras[0])
     with pytest.raises(AdapterNotFound):
         b.get("z")
+
+
+def test_a_starting_replica_leaves_another_ones_upload_in_progress(tmp_path, loras):
+    """A temp folder of a write in progress (fresh files) survives another replica's start and
+    shutdown sweep; one untouched for an hour is a crashed write's leftover and goes."""
+    import os
+    import time
+
+    from adapter_runtime.store import LEFTOVER_AGE_S, AdapterStore
+
+    a, _ = replicas(tmp_path)
+    busy, crashed = a.store.root / ".tmp-upload-busy", a.store.root / ".tmp-crashed"
+    for folder in (busy, crashed):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "adapter_model.safetensors").write_bytes(b"partial")
+    old = time.time() - LEFTOVER_AGE_S - 60
+    for path in (crashed / "sub" / "adapter_model.safetensors", crashed / "sub", crashed):
+        os.utime(path, (old, old))
+    os.utime(busy, (old, old))  # an old folder whose file is still being written is busy
+
+    other = AdapterStore(a.store.root, a.store.info)
+    other.scan()  # what a replica does when it starts
+    assert busy.is_dir() and not crashed.exists()
+    other.sweep()  # and when it stops
+    assert busy.is_dir()
