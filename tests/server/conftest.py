@@ -3,12 +3,22 @@ what the HTTP layer decides, without a model or a server process."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.settings import Settings
+from server.settings import ENV_PREFIX, Settings
 from tests.support.fake_engine import FakeEngine
+
+
+@pytest.fixture(autouse=True)
+def no_server_variables(monkeypatch):
+    """`Settings(...)` reads ADAPTER_SERVER_* variables (pydantic-settings): none from the shell
+    that runs the tests may change what these tests configure."""
+    for name in [n for n in os.environ if n.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(name)
 
 
 @pytest.fixture
