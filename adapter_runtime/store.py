@@ -85,6 +85,9 @@ class StoredAdapter:
     bytes: int  # fp32 size of the tensors in memory
     uid: str = ""  # content identity: a hash over the stored files ("" in old stores: computed at scan)
     base: dict | None = None  # BaseIdentity of the model it was made for (None in old stores)
+    # [size, mtime_ns] of the weights file when it was hashed: a scan re-hashes it only when these
+    # changed (startup stays O(adapters), not O(bytes)); loading it always checks the sha256
+    weights_stat: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,11 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def stat_of(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def sha256_file(path: Path) -> str:
@@ -285,9 +293,13 @@ class AdapterStore:
             if entry.name.startswith(LEFTOVER_PREFIXES):
                 remove_if_stale(entry)
 
-    def _check_weights(self, folder: Path, meta: StoredAdapter) -> None:
-        """The weights file is the one registered (its sha256): a corrupted adapter never runs."""
+    def _check_weights(self, folder: Path, meta: StoredAdapter, unless_unchanged: bool = False) -> None:
+        """The weights file is the one registered (its sha256): a corrupted adapter never runs.
+        `unless_unchanged`: trust a file whose size and mtime are those recorded when it was
+        hashed (a scan; `load` always hashes)."""
         weights = folder / WEIGHTS[meta.format][1]
+        if unless_unchanged and meta.weights_stat is not None and list(meta.weights_stat) == stat_of(weights):
+            return
         if sha256_file(weights) != meta.sha256:
             raise AdapterFormatError(f"stored adapter {meta.name!r} is corrupted: {weights.name} changed on disk "
                                      "since registration (sha256 mismatch)")
@@ -305,7 +317,7 @@ class AdapterStore:
 
         with safe_open(str(weights), "pt"):  # the header is readable; tensors load lazily later
             pass
-        self._check_weights(folder, meta)
+        self._check_weights(folder, meta, unless_unchanged=True)
         if not meta.uid:  # stored by an older version
             meta = replace(meta, uid=content_uid(folder, {weights.name: meta.sha256}))
         return meta
@@ -331,7 +343,8 @@ class AdapterStore:
             uid = content_uid(tmp, {weights.name: sha})
             adapter = replace(adapter, uid=uid)
             meta = StoredAdapter(name, format, adapter.method, int(time.time()), sha, adapter.num_parameters,
-                                 adapter.nbytes, uid, asdict(self.base) if self.base is not None else None)
+                                 adapter.nbytes, uid, asdict(self.base) if self.base is not None else None,
+                                 stat_of(weights))
             (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
             for f in tmp.iterdir():
                 _fsync_file(f)

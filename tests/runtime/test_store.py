@@ -1,7 +1,11 @@
-"""Two registries over one store folder, as two replicas of a cluster see it (no Ray here):
-what one adds, deletes or replaces, the other serves, refuses or re-reads at its next lookup."""
+"""The adapter store without a server. Two registries over one store folder, as two replicas of
+a cluster see it (no Ray here): what one adds, deletes or replaces, the other serves, refuses or
+re-reads at its next lookup, and neither deletes the other's write in progress. A scan hashes
+weights only when their size or mtime changed; loading always checks the sha256."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -92,7 +96,6 @@ def test_without_sharing_a_registry_keeps_what_it_read(tmp_path, loras):
 def test_a_starting_replica_leaves_another_ones_upload_in_progress(tmp_path, loras):
     """A temp folder of a write in progress (fresh files) survives another replica's start and
     shutdown sweep; one untouched for an hour is a crashed write's leftover and goes."""
-    import os
     import time
 
     from adapter_runtime.store import LEFTOVER_AGE_S, AdapterStore
@@ -112,3 +115,41 @@ def test_a_starting_replica_leaves_another_ones_upload_in_progress(tmp_path, lor
     assert busy.is_dir() and not crashed.exists()
     other.sweep()  # and when it stops
     assert busy.is_dir()
+
+
+def corrupt_in_place(path, keep_mtime: bool) -> None:
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    path.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_scan_hashes_only_weights_that_changed_and_load_always_checks(tmp_path, loras, monkeypatch):
+    from adapter_runtime import store as store_module
+    from adapter_runtime.errors import AdapterFormatError
+    from adapter_runtime.store import AdapterStore
+
+    a, _ = replicas(tmp_path)
+    for i, name in enumerate(("x", "y", "z")):
+        a.add(name, loras[i % 2])
+    hashed = []
+    real = store_module.sha256_file
+    monkeypatch.setattr(store_module, "sha256_file", lambda p: hashed.append(p.parent.name) or real(p))
+
+    fresh = AdapterStore(a.store.root, a.store.info)
+    assert sorted(m.name for m in fresh.scan()) == ["x", "y", "z"] and hashed == []  # no weights read at start
+
+    weights = next(p for p in (a.store.root / "y").iterdir() if p.suffix == ".safetensors")
+    corrupt_in_place(weights, keep_mtime=False)
+    assert sorted(m.name for m in fresh.scan()) == ["x", "z"] and hashed == ["y"]  # changed: hashed, refused
+    assert "sha256 mismatch" in fresh.skipped["y"]
+
+    weights = next(p for p in (a.store.root / "z").iterdir() if p.suffix == ".safetensors")
+    corrupt_in_place(weights, keep_mtime=True)  # bit rot behind an unchanged size and mtime
+    metas = {m.name: m for m in fresh.scan()}
+    assert "z" in metas
+    with pytest.raises(AdapterFormatError, match="sha256 mismatch"):
+        fresh.load(metas["z"])  # never served
+    fresh.load(metas["x"])
