@@ -23,7 +23,7 @@ BAD_REQUESTS = {
     # case: (path, request keywords, status, words in the message)
     "unknown model": ("/v1/completions", {"json": {"model": "nope", "prompt": "hi"}}, 404, "'nope' not found"),
     "unknown adapter in a stack": ("/v1/completions", completion(adapters=["ghost"]), 404, "'ghost' not found"),
-    "past the context": ("/v1/completions", completion(max_tokens=100), 400, "maximum context length is 64"),
+    "past the context": ("/v1/completions", completion(max_tokens=100), 400, "maximum context length 64"),
     "logprobs past 5": ("/v1/completions", completion(logprobs=9), 422, "logprobs"),
     "prompt with a lone surrogate": ("/v1/completions", raw(b'{"model": "fake-base", "prompt": "\\ud800"}'), 400,
                                      "surrogate"),

@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-from adapter_runtime.engine import EngineConfig, Event, Request, RequestHandle
-from adapter_runtime.errors import AdapterConflict, AdapterNotFound, InvalidRequest
+from adapter_runtime.engine import EngineConfig, Event, Request, RequestHandle, check_request
+from adapter_runtime.errors import AdapterConflict, AdapterNotFound
 from adapter_runtime.registry import AdapterStatus
 from adapter_runtime.tokenizer import build_byte_tokenizer
 
@@ -105,8 +105,7 @@ class FakeEngine:
         if self.failure is not None:
             error, self.failure = self.failure, None
             raise error
-        if len(request.prompt_ids) + request.params.max_tokens > self.max_seq_len:
-            raise InvalidRequest(f"this model's maximum context length is {self.max_seq_len} tokens")
+        check_request(request.prompt_ids, request.params, self.info.vocab_size, self.max_seq_len)  # the engine's own
         handle = RequestHandle(request, on_done)
         self.submitted.append(request)
         with self._lock:
