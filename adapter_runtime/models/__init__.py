@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..tokenizer import build_byte_tokenizer, load_tokenizer
 from .common import KVCache, ModelInfo
 from .gpt2 import GPT2LMHeadModel
 from .llama import LLAMA_TYPES, LlamaForCausalLM, Rotary
@@ -40,8 +42,6 @@ def model_class(config) -> type[nn.Module]:
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint: model.safetensors, a sharded safetensors index, or a
     pytorch_model.bin read with weights_only=True (never an unrestricted unpickle)."""
-    from safetensors.torch import load_file
-
     if (model_dir / "model.safetensors").exists():
         return load_file(model_dir / "model.safetensors")
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -99,9 +99,7 @@ def load_model(model_dir: str | Path | None, dtype: str | torch.dtype = "float32
     device = torch.device(device)
     if model_dir is None:
         return default_model(dtype, device)
-    from transformers import AutoConfig
-
-    from ..tokenizer import load_tokenizer
+    from transformers import AutoConfig  # transformers loads slowly: only where a checkpoint is read
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -122,7 +120,7 @@ def default_model_config():
     `demo/train_base.py` on Python's own documentation. Ids 0-255 are bytes, 256 is
     end-of-text; 257-263 are reserved for special tokens (untrained). Trained on windows of up
     to 512 bytes; positions up to 2048 are accepted (RoPE), with text degrading past 512."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # as in load_model
 
     return LlamaConfig(
         vocab_size=264, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -133,10 +131,6 @@ def default_model_config():
 
 def default_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """The embedded model from its committed weights (fp16 on disk, cast to `dtype`)."""
-    from safetensors.torch import load_file
-
-    from ..tokenizer import build_byte_tokenizer
-
     if not DEFAULT_WEIGHTS.exists():
         raise ModelLoadError(f"the embedded model's weights are missing ({DEFAULT_WEIGHTS}); "
                              "reinstall the package or run `python -m demo.train_base`")
