@@ -77,7 +77,10 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._compiler: threading.Thread | None = None
         self.compile_in_background = True  # False: a step of a new variant waits for its compile (tests)
-        self.steps = {"static": 0, "compiled": 0, "eager": 0}  # how steps ran (tests and logs read it)
+        # how steps ran (tests, logs and benchmarks read it): "static" decode steps either ran
+        # "compiled" or, their variant not compiled yet, "static_eager"; "eager" counts both
+        # those and every other (prefill / mixed) step
+        self.steps = {"static": 0, "compiled": 0, "static_eager": 0, "eager": 0}
         self.memo: dict = {}  # DoRA factors; cleared whenever base weights change
         self.refresh_weights()
 
@@ -166,6 +169,7 @@ class ModelRunner:
                     self._compiler.start()
         if not ready:  # eager until the background compile of this variant is done
             self.steps["eager"] += 1
+            self.steps["static_eager"] += 1
             return self.model(batch, self.cache)
         self.steps["compiled"] += 1
         return self._run_compiled(batch)
@@ -219,6 +223,12 @@ class ModelRunner:
         with self._lock:
             self._compiling = {k: v for k, v in list(self._compiling.items())[:1]}
         self.wait_compiled()
+
+    @property
+    def compiling(self) -> bool:
+        """A compile is queued or in progress (benchmarks wait for none before timing)."""
+        with self._lock:
+            return self._compiler is not None or bool(self._compiling)
 
     def wait_compiled(self) -> None:
         """Block until every compile queued so far is done (benchmarks)."""
