@@ -69,6 +69,9 @@ class ModelRunner:
         self.scratch_slot = cache.num_slots - 1  # padding rows of a static step write here
         self.buckets = sorted(buckets) or buckets_for(cache.num_slots - 1)
         self.compile = compile
+        # a compiled step reads the cache up to a multiple of this (its length is a dynamic size
+        # of the graph; rounding only spares guard checks, and every key read costs bandwidth)
+        self.kv_round = 16
         self._compiled = None
         if compile:
             self._compiled = torch.compile(model, dynamic=False)
@@ -132,7 +135,7 @@ class ModelRunner:
         batch = ForwardBatch.build(
             tokens, positions, slots, starts, self.device, adapters=adapters, all_logits=every + [False] * pad,
             prefix_hidden=prefix_method.hidden_ranges(setups + [()] * pad, self.info.num_layers, self.device),
-            kv_round=64 if static and self.compile else 1, read_slots=self._read_slots(slots, pad) if pad else None,
+            kv_round=self.kv_round if static and self.compile else 1, read_slots=self._read_slots(slots, pad) if pad else None,
             max_kv=self.cache.max_len,
         )
         logits = self._forward(batch, static and adapters.static_safe())
