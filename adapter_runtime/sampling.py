@@ -211,7 +211,8 @@ def process_logits(logits: Tensor, states: Sequence[SamplingState], stacked: dic
     if not any(s.params.processes_logits for s in states):
         return logits
     device = logits.device
-    stacked = stacked or {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
+    if stacked is None:
+        stacked = {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
     out = logits.clone()
     held = [b for b, s in enumerate(states) if s.generated < s.params.min_tokens and s.end_ids]
     if held:  # no end token before min_tokens
@@ -221,11 +222,11 @@ def process_logits(logits: Tensor, states: Sequence[SamplingState], stacked: dic
     if biased:
         r, t, v = _row_entries(biased, [states[b].params.logit_bias for b in biased], device)
         out.index_put_((r, t), v, accumulate=True)
-    seen = stacked["seen"]
-    if seen.rows:
+    seen = stacked.get("seen")
+    if seen is not None and seen.rows:
         out[seen.index] = repetition_penalty(out[seen.index], seen.values, seen.param("repetition_penalty"))
-    counts = stacked["output_counts"]
-    if counts.rows:
+    counts = stacked.get("output_counts")
+    if counts is not None and counts.rows:
         out[counts.index] = frequency_presence_penalty(out[counts.index], counts.values,
                                                        counts.param("frequency_penalty"), counts.param("presence_penalty"))
     return out
@@ -236,16 +237,24 @@ def choose(logits: Tensor, states: Sequence[SamplingState]) -> list[int]:
 
     One argmax for the batch, one draw per sampled row from its own generator, one batched
     log-softmax for the cumulative log-probabilities, one stack and one scatter per kind of
-    penalty state."""
+    penalty state. When no row samples, the tokens and their log-probabilities come back to
+    the host in one transfer (one device sync per step)."""
     device = logits.device
-    stacked = {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
+    stacked = {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")
+               if any(getattr(s, attr) is not None for s in states)}
     processed = process_logits(logits, states, stacked)  # [B, V]
-    tokens = processed.argmax(-1).tolist()
-    for b, s in enumerate(states):
-        if not s.params.greedy:
-            tokens[b] = sample(processed[b], s.params, s.generator)
-    chosen = torch.tensor(tokens, dtype=torch.long, device=device)  # [B]
-    logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0].tolist()  # [B]
+    if all(s.params.greedy for s in states):
+        chosen = processed.argmax(-1)  # [B]
+        logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
+        ids, logprobs = torch.stack([chosen.double(), logprobs.double()]).tolist()  # ids < 2**53: exact
+        tokens = [int(t) for t in ids]
+    else:
+        tokens = processed.argmax(-1).tolist()
+        for b, s in enumerate(states):
+            if not s.params.greedy:
+                tokens[b] = sample(processed[b], s.params, s.generator)
+        chosen = torch.tensor(tokens, dtype=torch.long, device=device)  # [B]
+        logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0].tolist()  # [B]
     for st in stacked.values():
         st.put(chosen)
     for s, lp in zip(states, logprobs):
