@@ -279,6 +279,7 @@ def build_row(spec: Spec, row: RowRequest | None, get: Callable[[str], Adapter],
                     raise InvalidRequest(f"{s.fusion!r} is not an AdapterFusion (it is a {fusion.method} adapter)",
                                          param="adapters")
             else:
+                _check_fused_adapters(Block(FUSE, children))  # the real problem before "no such fusion"
                 fused = [c.last().name if isinstance(c, Block) else c.name for c in children]
                 fusion = find_fusion(fused)
             return Block(FUSE, children, fusion=fusion)
@@ -376,16 +377,20 @@ def _check_nesting(root: Block) -> None:
 
 
 def _check_fuse(block: Block) -> None:
+    _check_fused_adapters(block)
     fusion = block.fusion
+    missing = sorted({s for a in block.leaves() for s in a.bottleneck} - set(fusion.fusion.layers))
+    if missing:
+        raise InvalidRequest(f"fusion {fusion.name!r} has no fusion layer at {_where(missing[0])}, where the adapters "
+                             f"of {_describe(block)} act", param="adapters")
+
+
+def _check_fused_adapters(block: Block) -> None:
     for a in block.leaves():
         if not a.bottleneck or a.linear or a.prefix is not None:
             raise InvalidRequest(f"{_describe(block)}: {a.name!r} is a {a.method} adapter; AdapterFusion fuses "
                                  "bottleneck adapters only (the library raises NotImplementedError for others)",
                                  param="adapters")
-    missing = sorted({s for a in block.leaves() for s in a.bottleneck} - set(fusion.fusion.layers))
-    if missing:
-        raise InvalidRequest(f"fusion {fusion.name!r} has no fusion layer at {_where(missing[0])}, where the adapters "
-                             f"of {_describe(block)} act", param="adapters")
 
 
 def _check_site(root: Block, table: str, site) -> None:

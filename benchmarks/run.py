@@ -10,10 +10,10 @@ import logging
 import time
 import warnings
 
-from . import adapter_overhead, engine_vs_hf, lifecycle, merge_traffic, peers
+from . import adapter_overhead, compose, engine_vs_hf, lifecycle, merge_traffic, peers
 from .common import header
 
-BENCHMARKS = {m.NAME: m for m in (engine_vs_hf, adapter_overhead, lifecycle, merge_traffic, peers)}
+BENCHMARKS = {m.NAME: m for m in (engine_vs_hf, adapter_overhead, compose, lifecycle, merge_traffic, peers)}
 
 
 def main(argv=None) -> None:

@@ -444,7 +444,9 @@ def test_wrong_model(saved_gpt2, tmp_path):
     "edit,error,match",
     [
         (lambda c: c.update(architecture="glow_flow"), AdapterUnsupported, "glow_flow"),
-        (lambda c: c.update(architecture="reft"), AdapterUnsupported, "reft"),
+        # ReFT is served (tests/server/test_compose_http.py); one in half precision is not
+        (lambda c: c.update(architecture="reft", r=2, prefix_positions=1, suffix_positions=0, dtype="bfloat16"),
+         AdapterUnsupported, "bfloat16"),
         (lambda c: c.update(inv_adapter="glow", inv_adapter_reduction_factor=2), AdapterUnsupported, "glow"),
         (lambda c: c.update(residual_before_ln="post_add"), AdapterUnsupported, "post_add"),
         (lambda c: c.update(scaling="bogus"), AdapterUnsupported, "bogus"),

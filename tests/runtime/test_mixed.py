@@ -16,7 +16,7 @@ from tests.support.tiny import hf_model, random_ids, save_checkpoint
 pytest.importorskip("adapters")
 pytest.importorskip("peft")
 from adapters import (AdapterPlusConfig, CompacterPlusPlusConfig, DoRAConfig as HubDoRA, DoubleSeqBnConfig,  # noqa: E402
-                      IA3Config as HubIA3, LoRAConfig as HubLoRA, MTLLoRAConfig, ParBnConfig,
+                      IA3Config as HubIA3, LoRAConfig as HubLoRA, LoReftConfig, MTLLoRAConfig, NoReftConfig, ParBnConfig,
                       PrefixTuningConfig as HubPrefix, SeqBnConfig, SeqBnInvConfig, VeraConfig as HubVera)
 from peft import (AdaLoraConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PrefixTuningConfig,  # noqa: E402
                   PromptTuningConfig, VeraConfig)
@@ -47,7 +47,11 @@ CASES = {
     "hub-dora": ("hub", lambda: HubDoRA(r=4, alpha=4)),
     "hub-mtl-lora": ("hub", lambda: MTLLoRAConfig(r=4, n_up_projection=2, output_lora=True)),
     "hub-adapter-plus": ("hub", lambda: AdapterPlusConfig(reduction_factor=16, stochastic_depth=0.0)),
+    "hub-loreft": ("hub", lambda: LoReftConfig(r=4, prefix_positions=2, suffix_positions=2)),
+    "hub-noreft": ("hub", lambda: NoReftConfig(r=2, prefix_positions=1, suffix_positions=3, tied_weights=True)),
 }
+# compositions (Fuse, Average, Parallel, BatchSplit, a Stack around a Fuse) share batches with
+# banked rows in tests/runtime/test_compose.py and tests/server/test_compose_http.py
 
 
 @pytest.fixture(scope="module")
