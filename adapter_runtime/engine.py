@@ -19,6 +19,7 @@ the handle's events; all torch work happens on the worker thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import queue
@@ -41,7 +42,7 @@ from .models import LoadedModel
 from .models.common import KVCache
 from .output import Event, RequestOutput, TokenLogprob
 from .registry import AdapterRegistry
-from .runner import ModelRunner, RowState
+from .runner import ModelRunner, RowState, freeze_heap
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence as Seq, StepPlan
 
@@ -241,6 +242,8 @@ class Engine:
         return list(self.tokenizer(text)["input_ids"])
 
     def start(self) -> "Engine":
+        if self.config.compile:  # a long-running server: keep full collections off the start-up objects
+            freeze_heap()
         with self._cond:
             if self._thread is None:
                 self._stopping = False
@@ -277,6 +280,8 @@ class Engine:
             self._thread = None
         self._fail_all(EngineUnavailable("the engine stopped before the request finished"))
         self.runner.close()
+        if self.config.compile:
+            gc.unfreeze()  # what start froze may be collected again (an engine stopped in a live process)
 
     def __enter__(self) -> "Engine":
         return self.start()
