@@ -91,6 +91,23 @@ class Completion:
     cumulative_logprob: float = 0.0  # what best_of ranks by
 
 
+def check_request(prompt_ids: Sequence[int], p: SamplingParams, vocab_size: int, max_seq_len: int,
+                  extra_tokens: int = 0) -> None:
+    """The checks every engine makes before accepting a request (the cluster's ingress makes
+    them too, so that a stream is refused before it starts); `extra_tokens`: the adapters'."""
+    sampling.check(p, vocab_size)
+    if not prompt_ids:
+        raise InvalidRequest("the prompt is empty")
+    bad = [t for t in prompt_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(f"prompt token ids out of range 0..{vocab_size - 1}: {bad[:5]}")
+    need = extra_tokens + len(prompt_ids) + p.max_tokens
+    if need > max_seq_len:
+        parts = f"{len(prompt_ids)} prompt + {p.max_tokens} max_tokens" + (f" + {extra_tokens} adapter" if extra_tokens else "")
+        raise InvalidRequest(f"this request needs {need} tokens of context ({parts}), more than the maximum context "
+                             f"length {max_seq_len}; shorten the prompt or lower max_tokens")
+
+
 def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
     """Fold a finished request's events into one `Completion`; raise its error, if any."""
     for e in events:
@@ -321,23 +338,11 @@ class Engine:
         return handle
 
     def validate(self, request: Request) -> None:
-        p = request.params
-        sampling.check(p, self.info.vocab_size)
-        if not request.prompt_ids:
-            raise InvalidRequest("the prompt is empty")
-        bad = [t for t in request.prompt_ids if not 0 <= t < self.info.vocab_size]
-        if bad:
-            raise InvalidRequest(f"prompt token ids out of range 0..{self.info.vocab_size - 1}: {bad[:5]}")
         check_reft_prompt(request.setup, len(request.prompt_ids))
         lay = layout.row_layout(request.setup)
-        extra = lay.prefix_len + lay.virtual_tokens  # adapter prefix entries and soft-prompt tokens
-        need = extra + len(request.prompt_ids) + p.max_tokens
-        if need > self.max_seq_len:
-            parts = f"{len(request.prompt_ids)} prompt + {p.max_tokens} max_tokens" + (f" + {extra} adapter" if extra else "")
-            raise InvalidRequest(
-                f"this request needs {need} tokens of context ({parts}), more than the maximum context length "
-                f"{self.max_seq_len}; shorten the prompt or lower max_tokens"
-            )
+        # adapter prefix entries and soft-prompt tokens take context too
+        check_request(request.prompt_ids, request.params, self.info.vocab_size, self.max_seq_len,
+                      lay.prefix_len + lay.virtual_tokens)
 
     # ------------------------------------------------------------------ worker loop
     def _loop(self) -> None:

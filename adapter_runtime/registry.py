@@ -47,7 +47,8 @@ import torch
 from .adapters import Adapter
 from .batch import Setup
 from .composition import RowRequest, Spec, build_row, row_setup, validate_stack, validate_tree
-from .errors import AdapterConflict, AdapterIncompatible, AdapterNotFound, InvalidRequest, brief
+from .errors import AdapterConflict, AdapterIncompatible, AdapterNotFound, AdapterRuntimeError, InvalidRequest, brief
+from .formats.adapterhub.fusion import fused_adapter_names
 from .methods.compose import STACK
 from .store import AdapterStore, StoredAdapter, check_name
 
@@ -381,13 +382,7 @@ class AdapterRegistry:
         with self._lock:
             candidates = [n for n, m in self._stored.items() if m.format == "adapterhub_fusion"] + \
                          [n for n, a in self._static.items() if a.fusion is not None]
-        matches = []
-        for name in sorted(candidates):
-            try:
-                if tuple(self.get(name).fusion.adapter_names) == tuple(names):
-                    matches.append(name)
-            except AdapterNotFound:  # deleted meanwhile
-                continue
+        matches = [name for name in sorted(candidates) if self._fused_names(name) == tuple(names)]
         if not matches:
             raise InvalidRequest(f"no AdapterFusion of adapters {list(names)} is stored here: upload the fusion the "
                                  "library saved (save_adapter_fusion), or name one with \"name\"", param="adapters")
@@ -395,6 +390,18 @@ class AdapterRegistry:
             raise InvalidRequest(f"several fusions fuse {list(names)} ({', '.join(matches)}): choose one with \"name\"",
                                  param="adapters")
         return matches[0]
+
+    def _fused_names(self, name: str) -> tuple[str, ...] | None:
+        """What fusion `name` fuses, without loading it (a lookup must not fill the caches with
+        every stored fusion); None when it is gone or unreadable."""
+        with self._lock:
+            static = self._static.get(name)
+        if static is not None:
+            return tuple(static.fusion.adapter_names)
+        try:
+            return fused_adapter_names(self.store.path(name))
+        except (OSError, AdapterRuntimeError):
+            return None
 
     def acquire(self, model: str, stack=None) -> Setup:
         """`resolve` with every adapter pinned until `release`."""

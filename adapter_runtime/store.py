@@ -17,7 +17,9 @@ Each folder is still a directory its own library can load: `.bin` weights are re
 safetensors after the safe read, head files and AdapterHub's per-layer prefix aliases (copies
 of the canonical prefix) are dropped. An adapter is written into `<root>/.tmp-<uuid>/`, fsynced,
 validated by loading it against the base model, and only then renamed to `<root>/<name>`: a
-crash leaves at most a `.tmp-*` folder, which the next start deletes.
+crash leaves at most a `.tmp-*` folder, which a later start or shutdown deletes once nothing in
+it has changed for `LEFTOVER_AGE_S` (the store may be shared by several servers or cluster
+replicas: a fresh temp folder may be another process's upload in progress).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ WEIGHTS = {
 # every file an adapter reader may open (registration copies exactly these out of --adapter-root)
 ADAPTER_FILES = ("adapter_config.json", FUSION_CONFIG, "head_config.json",
                  *(f for accepted, _ in WEIGHTS.values() for f in accepted), *HEAD_WEIGHT_FILES)
+LEFTOVER_PREFIXES = (".tmp-", ".trash-")  # folders of writes and deletes in progress
+LEFTOVER_AGE_S = 3600.0  # a temp folder untouched this long is a crashed write's leftover
 # config keys that say nothing about the model's shape or math (paths, versions, runtime flags)
 VOLATILE_CONFIG_KEYS = ("transformers_version", "torch_dtype", "dtype", "use_cache")
 # methods served as a LoRA whose rank is not the config's `r` (factors multiplied out by
@@ -81,6 +85,9 @@ class StoredAdapter:
     bytes: int  # fp32 size of the tensors in memory
     uid: str = ""  # content identity: a hash over the stored files ("" in old stores: computed at scan)
     base: dict | None = None  # BaseIdentity of the model it was made for (None in old stores)
+    # [size, mtime_ns] of the weights file when it was hashed: a scan re-hashes it only when these
+    # changed (startup stays O(adapters), not O(bytes)); loading it always checks the sha256
+    weights_stat: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -154,12 +161,36 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def remove_if_stale(entry: Path, max_age_s: float = LEFTOVER_AGE_S) -> bool:
+    """Delete a temp file or folder when nothing in it changed for `max_age_s` seconds (the
+    newest mtime of the folder and everything below it)."""
+    try:
+        newest = entry.lstat().st_mtime
+        if entry.is_dir() and not entry.is_symlink():
+            for below in entry.rglob("*"):
+                newest = max(newest, below.lstat().st_mtime)
+    except FileNotFoundError:  # its owner finished (renamed or removed it) meanwhile
+        return False
+    if time.time() - newest < max_age_s:
+        return False
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def stat_of(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
 
 
 def sha256_file(path: Path) -> str:
@@ -231,8 +262,8 @@ class AdapterStore:
         found, self.skipped, self.foreign = [], {}, {}
         legacy = 0
         for entry in sorted(self.root.iterdir()):
-            if entry.name.startswith((".tmp-", ".trash-")):  # an interrupted write or delete
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.name.startswith(LEFTOVER_PREFIXES):  # a write or delete: interrupted, or another process's
+                remove_if_stale(entry)
                 continue
             if not entry.is_dir():
                 continue
@@ -256,14 +287,19 @@ class AdapterStore:
         return found
 
     def sweep(self) -> None:
-        """Delete leftovers of interrupted writes (`.tmp-*`, `.trash-*`), e.g. at shutdown."""
+        """Delete leftovers of interrupted writes (`.tmp-*`, `.trash-*`), e.g. at shutdown; a
+        temp folder changed within `LEFTOVER_AGE_S` may be another process's write and stays."""
         for entry in list(self.root.iterdir()):
-            if entry.name.startswith((".tmp-", ".trash-")):
-                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            if entry.name.startswith(LEFTOVER_PREFIXES):
+                remove_if_stale(entry)
 
-    def _check_weights(self, folder: Path, meta: StoredAdapter) -> None:
-        """The weights file is the one registered (its sha256): a corrupted adapter never runs."""
+    def _check_weights(self, folder: Path, meta: StoredAdapter, unless_unchanged: bool = False) -> None:
+        """The weights file is the one registered (its sha256): a corrupted adapter never runs.
+        `unless_unchanged`: trust a file whose size and mtime are those recorded when it was
+        hashed (a scan; `load` always hashes)."""
         weights = folder / WEIGHTS[meta.format][1]
+        if unless_unchanged and meta.weights_stat is not None and list(meta.weights_stat) == stat_of(weights):
+            return
         if sha256_file(weights) != meta.sha256:
             raise AdapterFormatError(f"stored adapter {meta.name!r} is corrupted: {weights.name} changed on disk "
                                      "since registration (sha256 mismatch)")
@@ -281,7 +317,7 @@ class AdapterStore:
 
         with safe_open(str(weights), "pt"):  # the header is readable; tensors load lazily later
             pass
-        self._check_weights(folder, meta)
+        self._check_weights(folder, meta, unless_unchanged=True)
         if not meta.uid:  # stored by an older version
             meta = replace(meta, uid=content_uid(folder, {weights.name: meta.sha256}))
         return meta
@@ -307,7 +343,8 @@ class AdapterStore:
             uid = content_uid(tmp, {weights.name: sha})
             adapter = replace(adapter, uid=uid)
             meta = StoredAdapter(name, format, adapter.method, int(time.time()), sha, adapter.num_parameters,
-                                 adapter.nbytes, uid, asdict(self.base) if self.base is not None else None)
+                                 adapter.nbytes, uid, asdict(self.base) if self.base is not None else None,
+                                 stat_of(weights))
             (tmp / "meta.json").write_text(json.dumps(asdict(meta), indent=2))
             for f in tmp.iterdir():
                 _fsync_file(f)

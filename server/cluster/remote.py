@@ -23,8 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
-from adapter_runtime import sampling
-from adapter_runtime.engine import Completion, EngineHooks, Event, Request, collect
+from adapter_runtime.engine import Completion, EngineHooks, Event, Request, check_request, collect
 from adapter_runtime.errors import (AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest)
 from adapter_runtime.store import AdapterStore
 
@@ -163,24 +162,11 @@ class RemoteEngine:
         return list(self.tokenizer(text)["input_ids"])
 
     def validate(self, request: Request) -> None:
-        """The engine's own checks (Engine.validate, same messages), made here so that a streamed
-        request is refused with its 4xx before the stream starts; the replica checks again."""
-        p = request.params
-        sampling.check(p)
-        if not request.prompt_ids:
-            raise InvalidRequest("the prompt is empty")
-        bad = [t for t in request.prompt_ids if not 0 <= t < self.info.vocab_size]
-        if bad:
-            raise InvalidRequest(f"prompt token ids out of range 0..{self.info.vocab_size - 1}: {bad[:5]}")
+        """The engine's own checks (engine.check_request), made here so that a streamed request
+        is refused with its 4xx before the stream starts; the replica checks again."""
         setup = request.setup
         extra = setup.reservation.extra_tokens if isinstance(setup, RemoteSetup) else 0
-        need = extra + len(request.prompt_ids) + p.max_tokens
-        if need > self.max_seq_len:
-            parts = f"{len(request.prompt_ids)} prompt + {p.max_tokens} max_tokens" + (f" + {extra} adapter" if extra else "")
-            raise InvalidRequest(
-                f"this request needs {need} tokens of context ({parts}), more than the maximum context length "
-                f"{self.max_seq_len}; shorten the prompt or lower max_tokens"
-            )
+        check_request(request.prompt_ids, request.params, self.info.vocab_size, self.max_seq_len, extra)
 
     def submit(self, request: Request, on_done: Callable[[], None] | None = None) -> "RemoteHandle":
         if not self._accepting:

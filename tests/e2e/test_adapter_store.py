@@ -19,7 +19,7 @@ import torch
 
 from tests.support.every_type import (ADMIN, EVERY_TYPE, INFER, LORA_SETS, PROMPT, STEPS, argmax_loop, files_parts,
                                       tgz_bytes, upload, zip_bytes)
-from tests.support.live import start_server, stop_server
+from tests.support.live import age_leftovers, start_server, stop_server
 from tests.support.tiny import decode, hf_model, save_checkpoint
 
 MAX_UPLOAD = 2 << 20
@@ -266,6 +266,7 @@ def test_restart_keeps_adapters_and_outputs(server, uploaded, oracle):
     server.stop()
     (server.store / ".tmp-crashed-upload").mkdir()  # what a crash mid-upload leaves behind
     (server.store / ".tmp-crashed-upload" / "adapter_config.json").write_text("{}")
+    age_leftovers(server.store)
     broken = server.store / "broken"
     broken.mkdir()
     (broken / "meta.json").write_text("not json")

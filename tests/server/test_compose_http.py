@@ -243,3 +243,23 @@ def test_bad_compositions_are_4xx_naming_the_problem(world, case):
                                               "adapters": adapters})
     assert 400 <= r.status_code < 500 and message in r.text, (r.status_code, r.text)
     assert client.get("/v1/adapters").json() == before
+
+
+def test_a_nameless_fuse_reads_no_fusion_weights_and_two_candidates_are_a_400(world):
+    """The fusion for {"fuse": [...]} is found from the stored configs: a candidate that does
+    not run is not loaded; two fusions of the same adapters make the request ambiguous."""
+    _, client, _, _, dirs = world
+    upload(client, "fus-copy", dirs["fus"])
+    try:
+        where = client.get("/v1/adapters/fus-copy").json()["location"]
+        assert where != "device"  # uploaded: read once, on the host
+        base_name = client.get("/v1/models").json()["data"][0]["id"]
+        r = client.post("/v1/completions", json={"model": base_name, "prompt": [1, 2, 3], "max_tokens": 1,
+                                                  "adapters": {"fuse": ["a", "b", "c"]}})
+        assert r.status_code == 400 and "several fusions" in r.text and "fus-copy" in r.text, r.text
+        assert client.get("/v1/adapters/fus-copy").json()["location"] == where  # not loaded by the lookup
+        r = client.post("/v1/completions", json={"model": base_name, "prompt": [1, 2, 3], "max_tokens": 1,
+                                                  "adapters": {"fuse": ["a", "b", "c"], "name": "fus"}})
+        assert r.status_code == 200, r.text
+    finally:
+        assert client.delete("/v1/adapters/fus-copy").status_code == 200

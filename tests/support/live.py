@@ -76,3 +76,14 @@ def stop_server(proc) -> None:
         proc.wait(20)
     except subprocess.TimeoutExpired:
         proc.kill()
+
+
+def age_leftovers(store: Path, seconds: float = 2 * 3600) -> None:
+    """Make the store's temp folders (`.tmp-*`, `.trash-*`) look `seconds` old, as a crashed
+    write's leftovers are when the server starts again (fresh ones may be another replica's
+    write in progress, and are kept)."""
+    old = time.time() - seconds
+    for entry in store.iterdir():
+        if entry.name.startswith((".tmp-", ".trash-")):
+            for path in [*entry.rglob("*"), entry]:
+                os.utime(path, (old, old), follow_symlinks=False)

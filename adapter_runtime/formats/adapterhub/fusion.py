@@ -55,6 +55,11 @@ def _adapter_names(meta: Mapping) -> tuple[str, ...]:
     return tuple(names)
 
 
+def fused_adapter_names(directory: Path) -> tuple[str, ...]:
+    """The adapters a saved fusion fuses, from its config alone (no weights read)."""
+    return _adapter_names(read_json(Path(directory) / FUSION_CONFIG))
+
+
 def read_fusion(directory: Path, info: ModelInfo, name: str | None = None) -> Adapter:
     directory = Path(directory)
     meta = read_json(directory / FUSION_CONFIG)
