@@ -19,6 +19,7 @@ the handle's events; all torch work happens on the worker thread.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import queue
@@ -41,7 +42,7 @@ from .models import LoadedModel
 from .models.common import KVCache
 from .output import Event, RequestOutput, TokenLogprob
 from .registry import AdapterRegistry, CacheObserver
-from .runner import ModelRunner, RowState
+from .runner import ModelRunner, RowState, freeze_heap
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence as Seq, StepPlan
 
@@ -258,6 +259,8 @@ class Engine:
         return list(self.tokenizer(text)["input_ids"])
 
     def start(self) -> "Engine":
+        if self.config.compile:  # a long-running server: keep full collections off the start-up objects
+            freeze_heap()
         with self._cond:
             if self._thread is None:
                 self._stopping = False
@@ -294,6 +297,8 @@ class Engine:
             self._thread = None
         self._fail_all(EngineUnavailable("the engine stopped before the request finished"))
         self.runner.close()
+        if self.config.compile:
+            gc.unfreeze()  # what start froze may be collected again (an engine stopped in a live process)
 
     def __enter__(self) -> "Engine":
         return self.start()
@@ -399,10 +404,10 @@ class Engine:
         logits = self.runner.execute(plan, rows, merged).float()  # [M, V]
         self.scheduler.advance(plan)
         # rows that get a token now: every decode row, and each chunk that completes its prompt
-        takers: list[tuple[_Active, torch.Tensor]] = []
+        takers: list[tuple[_Active, int]] = []  # (request, its row of logits)
         m = 0
         for seq in plan.decode:
-            takers.append((self._active[id(seq)], logits[m]))
+            takers.append((self._active[id(seq)], m))
             m += 1
         for chunk in plan.prefill:
             state = self._active[id(chunk.seq)]
@@ -422,17 +427,19 @@ class Engine:
             except Exception as e:
                 self._fail(state, e)
                 continue
-            takers.append((state, rows_logits[-1]))
+            takers.append((state, m - 1))
         if not takers:
             return
-        tokens = sampling.choose(torch.stack([t[1] for t in takers]), [s.sampler for s, _ in takers])
-        for (state, row_logits), token in zip(takers, tokens):
-            try:
-                self._accept(state, token, row_logits)
+        index = [i for _, i in takers]
+        taken = logits[: len(index)] if index == list(range(len(index))) else logits[index]  # [B, V]
+        tokens = sampling.choose(taken, [s.sampler for s, _ in takers])
+        for (state, i), token in zip(takers, tokens):
+            try:  # a row's logits only for the requests that return logprobs
+                self._accept(state, token, logits[i] if state.params.logprobs is not None else None)
             except Exception as e:
                 self._fail(state, e)
 
-    def _accept(self, state: _Active, token: int, logits: torch.Tensor) -> None:
+    def _accept(self, state: _Active, token: int, logits: torch.Tensor | None) -> None:
         state.row.last = token
         if not state.first_token_seen:
             state.first_token_seen = True

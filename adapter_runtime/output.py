@@ -89,8 +89,9 @@ class RequestOutput:
         self.offset = len(text)
         self.push(Event(text=text, logprobs=tuple(self.prompt_entries), prompt_tokens=len(self.prompt_ids)))
 
-    def accept(self, token: int, logits: Tensor) -> Event | None:
-        """Record a generated token and emit what is safe to emit. Returns the final event
+    def accept(self, token: int, logits: Tensor | None) -> Event | None:
+        """Record a generated token and emit what is safe to emit (`logits` [V]: the row that
+        predicted it, needed only when the request returns logprobs). Returns the final event
         (without its finish fields filled) when the request is done, else None."""
         p = self.params
         self.generated.append(token)

@@ -8,6 +8,7 @@ bucket and on which bank kinds the step uses, never on which adapters the rows n
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -47,6 +48,16 @@ class RowState:
         return first, self.tokens[first : computed + 1]
 
 
+def freeze_heap() -> None:
+    """Collect, then exempt every object alive now from later garbage collections (gc.freeze,
+    as vLLM does after start-up). torch.compile's caches, the model and the tokenizer are
+    several hundred thousand objects that live as long as the process; a full collection that
+    scans them all stalls the decode step it falls in for 0.5-1 s on the CPU, every few hundred
+    steps. Objects made later (per step, per request) are collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 def buckets_for(max_batch: int) -> list[int]:
     """Batch sizes a decode step is padded to: powers of four up to max_batch, and max_batch
     (each is one compile; on the CPU a few padding rows cost little: small GEMMs are bound by
@@ -69,6 +80,9 @@ class ModelRunner:
         self.scratch_slot = cache.num_slots - 1  # padding rows of a static step write here
         self.buckets = sorted(buckets) or buckets_for(cache.num_slots - 1)
         self.compile = compile
+        # a compiled step reads the cache up to a multiple of this (its length is a dynamic size
+        # of the graph; rounding only spares guard checks, and every key read costs bandwidth)
+        self.kv_round = 16
         self._compiled = None
         if compile:
             self._compiled = torch.compile(model, dynamic=False)
@@ -77,7 +91,10 @@ class ModelRunner:
         self._lock = threading.Lock()
         self._compiler: threading.Thread | None = None
         self.compile_in_background = True  # False: a step of a new variant waits for its compile (tests)
-        self.steps = {"static": 0, "compiled": 0, "eager": 0}  # how steps ran (tests and logs read it)
+        # how steps ran (tests, logs and benchmarks read it): "static" decode steps either ran
+        # "compiled" or, their variant not compiled yet, "static_eager"; "eager" counts both
+        # those and every other (prefill / mixed) step
+        self.steps = {"static": 0, "compiled": 0, "static_eager": 0, "eager": 0}
         self.memo: dict = {}  # DoRA factors; cleared whenever base weights change
         self.refresh_weights()
 
@@ -129,7 +146,7 @@ class ModelRunner:
         batch = ForwardBatch.build(
             tokens, positions, slots, starts, self.device, adapters=adapters, all_logits=every + [False] * pad,
             prefix_hidden=prefix_method.hidden_ranges(setups + [()] * pad, self.info.num_layers, self.device),
-            kv_round=64 if static and self.compile else 1, read_slots=self._read_slots(slots, pad) if pad else None,
+            kv_round=self.kv_round if static and self.compile else 1, read_slots=self._read_slots(slots, pad) if pad else None,
             max_kv=self.cache.max_len,
         )
         logits = self._forward(batch, static and adapters.static_safe())
@@ -166,6 +183,7 @@ class ModelRunner:
                     self._compiler.start()
         if not ready:  # eager until the background compile of this variant is done
             self.steps["eager"] += 1
+            self.steps["static_eager"] += 1
             return self.model(batch, self.cache)
         self.steps["compiled"] += 1
         return self._run_compiled(batch)
@@ -208,6 +226,7 @@ class ModelRunner:
             with self._lock:
                 self._compiling.pop(key, None)
             return
+        freeze_heap()
         with self._lock:
             self._ready.add(key)
             self._compiling.pop(key, None)
@@ -219,6 +238,12 @@ class ModelRunner:
         with self._lock:
             self._compiling = {k: v for k, v in list(self._compiling.items())[:1]}
         self.wait_compiled()
+
+    @property
+    def compiling(self) -> bool:
+        """A compile is queued or in progress (benchmarks wait for none before timing)."""
+        with self._lock:
+            return self._compiler is not None or bool(self._compiling)
 
     def wait_compiled(self) -> None:
         """Block until every compile queued so far is done (benchmarks)."""

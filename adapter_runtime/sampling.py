@@ -211,7 +211,8 @@ def process_logits(logits: Tensor, states: Sequence[SamplingState], stacked: dic
     if not any(s.params.processes_logits for s in states):
         return logits
     device = logits.device
-    stacked = stacked or {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
+    if stacked is None:
+        stacked = {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
     out = logits.clone()
     held = [b for b, s in enumerate(states) if s.generated < s.params.min_tokens and s.end_ids]
     if held:  # no end token before min_tokens
@@ -221,11 +222,11 @@ def process_logits(logits: Tensor, states: Sequence[SamplingState], stacked: dic
     if biased:
         r, t, v = _row_entries(biased, [states[b].params.logit_bias for b in biased], device)
         out.index_put_((r, t), v, accumulate=True)
-    seen = stacked["seen"]
-    if seen.rows:
+    seen = stacked.get("seen")
+    if seen is not None and seen.rows:
         out[seen.index] = repetition_penalty(out[seen.index], seen.values, seen.param("repetition_penalty"))
-    counts = stacked["output_counts"]
-    if counts.rows:
+    counts = stacked.get("output_counts")
+    if counts is not None and counts.rows:
         out[counts.index] = frequency_presence_penalty(out[counts.index], counts.values,
                                                        counts.param("frequency_penalty"), counts.param("presence_penalty"))
     return out
@@ -236,16 +237,24 @@ def choose(logits: Tensor, states: Sequence[SamplingState]) -> list[int]:
 
     One argmax for the batch, one draw per sampled row from its own generator, one batched
     log-softmax for the cumulative log-probabilities, one stack and one scatter per kind of
-    penalty state."""
+    penalty state. When no row samples, the tokens and their log-probabilities come back to
+    the host in one transfer (one device sync per step)."""
     device = logits.device
-    stacked = {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")}
+    stacked = {attr: _Stacked(states, attr, device) for attr in ("seen", "output_counts")
+               if any(getattr(s, attr) is not None for s in states)}
     processed = process_logits(logits, states, stacked)  # [B, V]
-    tokens = processed.argmax(-1).tolist()
-    for b, s in enumerate(states):
-        if not s.params.greedy:
-            tokens[b] = sample(processed[b], s.params, s.generator)
-    chosen = torch.tensor(tokens, dtype=torch.long, device=device)  # [B]
-    logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0].tolist()  # [B]
+    if all(s.params.greedy for s in states):
+        chosen = processed.argmax(-1)  # [B]
+        logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
+        ids, logprobs = torch.stack([chosen.double(), logprobs.double()]).tolist()  # ids < 2**53: exact
+        tokens = [int(t) for t in ids]
+    else:
+        tokens = processed.argmax(-1).tolist()
+        for b, s in enumerate(states):
+            if not s.params.greedy:
+                tokens[b] = sample(processed[b], s.params, s.generator)
+        chosen = torch.tensor(tokens, dtype=torch.long, device=device)  # [B]
+        logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0].tolist()  # [B]
     for st in stacked.values():
         st.put(chosen)
     for s, lp in zip(states, logprobs):
@@ -268,6 +277,21 @@ def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
     return min(hits) if hits else None
 
 
+def _plain_fast_backend(tokenizer):
+    """The Rust tokenizer of a transformers fast tokenizer whose decode is the stock one (no
+    subclass changes it), else None."""
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    except ImportError:
+        return None
+    kind = type(tokenizer)
+    if not isinstance(tokenizer, PreTrainedTokenizerFast) or kind.decode is not PreTrainedTokenizerBase.decode \
+            or kind._decode is not PreTrainedTokenizerFast._decode:
+        return None
+    return getattr(tokenizer, "_tokenizer", None)
+
+
 class Detokenizer:
     """Token ids in, text deltas out, never half a UTF-8 character.
 
@@ -280,9 +304,15 @@ class Detokenizer:
         self.ids = list(context)
         self.prefix = max(len(self.ids) - 5, 0)  # window start: a little left context
         self.read = len(self.ids)  # ids before this are already emitted as text
+        self.backend = _plain_fast_backend(tokenizer)
 
     def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        if self.backend is None:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+        # what PreTrainedTokenizerFast.decode does, without its per-call Python layers (two
+        # decodes per generated token per request add up at batch 32)
+        text = self.backend.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.clean_up_tokenization(text) if self.tokenizer.clean_up_tokenization_spaces else text
 
     def push(self, token: int) -> str:
         self.ids.append(token)

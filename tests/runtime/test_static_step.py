@@ -106,3 +106,19 @@ def test_static_compiled_step_equals_eager_per_row_reference(loaded):
     for name in ("lora", "pfeiffer", "madx", "prefix", "prompt"):  # the adapters change the output
         ref = forward_sequences(loaded.model, [prompts[-1] + list(eager[-1].token_ids)], [(adapters[name],)])[0]
         assert (ref[-STEPS:] - base[-STEPS:]).abs().max() > 1e-2, name
+
+
+def test_a_compiling_engine_keeps_its_start_up_objects_out_of_full_collections(loaded):
+    """With compile on (the server), start freezes the objects alive then (model, compile
+    caches: a full collection scanning them stalls a step for up to a second); stop thaws them."""
+    import gc
+
+    engine = Engine(loaded, config=EngineConfig(max_batch=2, max_seq_len=64, compile=True))
+    engine.start()
+    try:
+        assert gc.get_freeze_count() > 0
+        out = engine.submit(Request((1, 2, 3), SamplingParams(max_tokens=1, temperature=0.0))).result(timeout=120)
+        assert out.completion_tokens == 1  # a prefill step only: nothing to compile
+    finally:
+        engine.stop()
+    assert gc.get_freeze_count() == 0
