@@ -1,9 +1,11 @@
 # On a fresh machine (everything goes into .venv/ in the repository):
 #   make demo     set up .venv and serve the embedded model with its demo adapters
 #   make serve    set up .venv and serve the embedded model (ARGS="--model DIR" for a checkpoint)
-#   make test     set up .venv (with the test-only oracles) and run the whole test suite
-#   make test-ui  only the dashboard's browser tests (needs Debian's chromium)
-#   make test-ecosystem  the slow runs of external tools (lm-evaluation-harness) against a live server
+#   make test     set up .venv with every test extra and run the whole suite: the oracles, the
+#                 dashboard's browser tests (Debian's chromium: installed in CI, else they skip)
+#                 and the runs of external tools (lm-evaluation-harness) against a live server
+#   make test-ui  only the dashboard's browser tests
+#   make test-ecosystem  only the runs of external tools
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,10 +17,6 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
-	touch $@
-
-$(VENV)/.ecosystem: $(VENV)/.test
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test,ecosystem]'
 	touch $@
 
@@ -32,12 +30,14 @@ demo: $(VENV)/.runtime
 	$(BIN)/adapter-server serve --demo $(ARGS)
 
 test: $(VENV)/.test
+	.ci/chromium
 	$(BIN)/python -m pytest -q $(ARGS)
 
-test-ecosystem: $(VENV)/.ecosystem
+test-ecosystem: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m ecosystem $(ARGS)
 
 test-ui: $(VENV)/.test
+	.ci/chromium
 	$(BIN)/python -m pytest -q tests/e2e/test_ui.py $(ARGS)
 
 bench: $(VENV)/.test

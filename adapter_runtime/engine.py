@@ -41,7 +41,7 @@ from .methods import prefix as prefix_method
 from .models import LoadedModel
 from .models.common import KVCache
 from .output import Event, RequestOutput, TokenLogprob
-from .registry import AdapterRegistry
+from .registry import AdapterRegistry, CacheObserver
 from .runner import ModelRunner, RowState, freeze_heap
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence as Seq, StepPlan
@@ -579,14 +579,19 @@ def build_engine(
     device: str = "auto",
     config: EngineConfig = EngineConfig(),
     adapters: Sequence[tuple[str, str]] = (),
+    hooks: EngineHooks = EngineHooks(),
+    cache_observer: CacheObserver | None = None,
 ) -> Engine:
-    """Load the base model and the named adapter directories; the engine is not started."""
+    """Load the base model and the named adapter directories; the engine is not started.
+    `hooks` and `cache_observer` are an observer's callbacks (the server's metrics)."""
     from .models import load_model
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     loaded = load_model(model, dtype, device)
-    engine = Engine(loaded, config=config)
+    weight = next(loaded.model.parameters())
+    registry = AdapterRegistry(loaded.name, weight.device, weight.dtype, observer=cache_observer)
+    engine = Engine(loaded, registry, config, hooks)
     if config.compile:
         engine.runner.warm_up()
     if adapters:

@@ -1,6 +1,7 @@
 """Where a request's tokens go in the KV cache and which positions they take, given its
-adapter setup; and a one-shot batched forward over whole sequences (`forward_sequences`),
-which the engine's scoring path and the tests use.
+adapter setup (`row_layout`, which the engine and the scheduler use); and a one-shot batched
+forward over whole sequences with a fresh cache (`forward_sequences`), which only the tests
+use, to check a model's packed forward against transformers outside the engine.
 
 Token-space methods change the layout of a row (DESIGN.md, "Adapter sites"; the methods
 themselves are methods/prefix.py and methods/prompt.py):

@@ -16,11 +16,11 @@ from .adapters import Adapter
 from .batch import MergedAdapter, without_linear
 from .errors import AdapterConflict
 from .methods import merge as merge_math
+from .models import decoder_layers
 
 
 def site_linear(model: nn.Module, layer: int, module: str) -> nn.Linear:
-    blocks = model.transformer.h if model.info.family == "gpt2" else model.model.layers
-    return blocks[layer].get_submodule(module)
+    return decoder_layers(model)[layer].get_submodule(module)
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ class _Lru:
 
 class AdapterRegistry:
     def __init__(self, base_name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 store: AdapterStore | None = None, limits: CacheLimits = CacheLimits()):
+                 store: AdapterStore | None = None, limits: CacheLimits = CacheLimits(),
+                 observer: CacheObserver | None = None):
         self.base_name = base_name  # the name under which requests get the bare base model
         self.device = torch.device(device)
         self.dtype = dtype
@@ -134,7 +135,7 @@ class AdapterRegistry:
         self._merged: tuple[str, str] | None = None  # (name, uid) of the adapter merged into the base weights
         self.store: AdapterStore | None = None
         self.limits = limits
-        self.observer: CacheObserver | None = None  # e.g. the server's metrics
+        self.observer = observer  # e.g. the server's metrics
         self.shared = False  # other servers write the store too: re-validate against it (`refresh`)
         self._seen: dict[str, tuple | None] = {}  # name -> meta.json signature when last read
         self._generation: int | None = None  # the store folder's mtime at the last full refresh

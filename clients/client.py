@@ -1,14 +1,17 @@
 """Typed Python client for adapter-server, sync (`AdapterServerClient`) and async
 (`AsyncAdapterServerClient`), on httpx.
 
-Both clients share everything except the transport: each endpoint is described once as a
-`Call` (method, path, body) plus a parser from JSON to a dataclass. Server errors, which are
+Both clients share everything except the transport: each operation is written once, in `Api`,
+as a plan that yields `Call`s (method, path, body, and the parser of the answer into a
+dataclass); the sync client performs them blocking, the async one awaits them. Server errors, which are
 OpenAI-shaped (`{"error": {"message", "type", "param", "code"}}`), become `AdapterServerError`
 subclasses chosen by HTTP status and carrying the server's message.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
 import json
 import os
@@ -18,7 +21,7 @@ import zipfile
 from urllib.parse import quote
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 
 import httpx
 
@@ -284,11 +287,17 @@ def adapter_files(directory: Path) -> list[tuple[str, Path]]:
     return [(p.relative_to(directory).as_posix(), p) for p in files]
 
 
-def upload_request(client: httpx.Client | httpx.AsyncClient, name: str, path: str | os.PathLike,
-                   format: str | None, headers: dict | None = None) -> httpx.Request:
-    """The multipart upload of an adapter directory (one `files` part per file, named by its
-    relative path) or of one .zip/.tar.gz archive (an `archive` part). The name also goes in
-    the query, so that the server refuses a bad or taken name before reading the body."""
+@dataclass(frozen=True)
+class Upload:
+    """A multipart body, built once: its size goes to the pre-check, its bytes are sent in chunks."""
+
+    content: bytes
+    content_type: str
+
+
+def multipart_upload(name: str, path: str | os.PathLike, format: str | None) -> Upload:
+    """The upload of an adapter directory (one `files` part per file, named by its relative
+    path) or of one .zip/.tar.gz archive (an `archive` part)."""
     path = Path(path)
     data = {"name": name, **({"format": format} if format else {})}
     if path.is_dir():
@@ -297,15 +306,8 @@ def upload_request(client: httpx.Client | httpx.AsyncClient, name: str, path: st
         parts = [("archive", (path.name, path.read_bytes(), "application/octet-stream"))]
     else:
         raise ValueError(f"{path} is neither an adapter directory nor a .zip/.tar.gz archive")
-    request = client.build_request("POST", "/v1/adapters", params={"name": name}, data=data, files=parts,
-                                   headers=headers)
-    request.read()  # the multipart body, in memory, so that progress can be counted
-    return request
-
-
-def upload_check_body(name: str, request: httpx.Request) -> dict:
-    """The pre-check of an upload (`POST /v1/adapters/check`): its name and size, no body."""
-    return {"name": name, "bytes": len(request.content)}
+    request = httpx.Request("POST", "http://upload/", data=data, files=parts)
+    return Upload(request.read(), request.headers["content-type"])
 
 
 def skip_precheck(error: AdapterServerError) -> bool:
@@ -329,16 +331,6 @@ def chunks(body: bytes, progress: Progress | None) -> Iterator[bytes]:
 async def achunks(body: bytes, progress: Progress | None) -> AsyncIterator[bytes]:
     for piece in chunks(body, progress):
         yield piece
-
-
-def with_progress(client: httpx.Client | httpx.AsyncClient, request: httpx.Request,
-                  progress: Progress | None, asynchronous: bool) -> httpx.Request:
-    """The same request, its body sent in chunks that report progress (Content-Length kept)."""
-    body = request.content
-    headers = {k: v for k, v in request.headers.items()
-               if k.lower() in ("content-type", "content-length", "authorization")}
-    content = achunks(body, progress) if asynchronous else chunks(body, progress)
-    return client.build_request(request.method, request.url, headers=headers, content=content)
 
 
 def pack_directory(directory: str | os.PathLike, archive: str | os.PathLike) -> Path:
@@ -405,23 +397,226 @@ def base_model(models: Iterable[Model]) -> str:
     raise ServerError(500, "the server lists no base model")
 
 
-class AdapterServerClient:
-    """Blocking client. `base_url` defaults to $ADAPTER_CLIENT_URL, then http://127.0.0.1:8000;
-    `api_key` to $ADAPTER_CLIENT_API_KEY and `admin_key` to $ADAPTER_CLIENT_ADMIN_KEY. Admin
-    calls (upload, register, delete, merge, reset) send the admin key when there is one, every
-    other call the inference key (or the admin key if that is the only one). Use as a context
-    manager, or call `close()`."""
+# ---------------------------------------------------------------------------- the API, described once
+def json_as(parse: Callable[[Any], Any]) -> Callable[[httpx.Response], Any]:
+    return lambda response: parse(response.json())
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None,
-                 timeout: float | httpx.Timeout | None = None, transport: httpx.BaseTransport | None = None,
-                 admin_key: str | None = None):
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP call of the API: what goes out, and how the answer is read. Both clients send
+    these; they differ only in how (blocking or awaited)."""
+
+    method: str
+    path: str
+    json: dict | None = None
+    parse: Callable[[httpx.Response], Any] = lambda response: response.json()
+    admin: bool = False  # sends the admin key (when the client has one)
+    params: dict | None = None
+    upload: Upload | None = None  # a multipart body, sent in chunks that report `progress`
+    progress: Progress | None = None
+    stream: bool = False  # server-sent events: the result is the parsed chunks, as they come
+
+
+def call(method: str, path: str, parse: Callable[[Any], Any], json: dict | None = None, admin: bool = False) -> Call:
+    return Call(method, path, json, json_as(parse), admin)
+
+
+class Api:
+    """Every operation of the API, written once as a plan: a generator that yields `Call`s and
+    gets each one's result back (or its error thrown in). `AdapterServerClient` runs the plans
+    blocking, `AsyncAdapterServerClient` awaits them; `with_api` gives each client one method
+    per plan, with the plan's signature and docstring."""
+
+    _base: str | None
+
+    # -- server
+    def health(self) -> Health:
+        return (yield call("GET", "/health", parse_health))
+
+    def models(self) -> list[Model]:
+        return (yield call("GET", "/v1/models", parse_models))
+
+    def base_model(self) -> str:
+        """The base model's name (asked once, then remembered)."""
+        if self._base is None:
+            self._base = base_model((yield from Api.models(self)))
+        return self._base
+
+    # -- completions
+    def complete(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
+                 adapters: Sequence[str] | None = None, **params: Any) -> Completion:
+        """One completion. `model` is the base model or an adapter name (default: the base);
+        `adapters` a stack applied in order; `params` any OpenAI completion field
+        (max_tokens, temperature, top_p, top_k, seed, stop, logprobs, echo, ...)."""
+        body = completion_body(prompt, model or (yield from Api.base_model(self)), adapters, False, params)
+        return (yield call("POST", "/v1/completions", parse_completion, body))
+
+    def stream(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
+               adapters: Sequence[str] | None = None, **params: Any) -> Iterator[Completion]:
+        """The completion as chunks, as the server produces them (server-sent events)."""
+        body = completion_body(prompt, model or (yield from Api.base_model(self)), adapters, True, params)
+        return (yield Call("POST", "/v1/completions", body, stream=True))
+
+    def chat(self, messages: Sequence[dict[str, Any]], model: str | None = None, adapters: Sequence[str] | None = None,
+             **params: Any) -> Completion:
+        """A chat completion: `messages` ({"role", "content"} dicts) through the base model's chat
+        template; `.text` is the assistant's reply. `params`: any chat field (max_tokens,
+        temperature, n, seed, logprobs, top_logprobs, ...)."""
+        body = chat_body(messages, model or (yield from Api.base_model(self)), adapters, False, params)
+        return (yield call("POST", "/v1/chat/completions", parse_completion, body))
+
+    def chat_stream(self, messages: Sequence[dict[str, Any]], model: str | None = None,
+                    adapters: Sequence[str] | None = None, **params: Any) -> Iterator[Completion]:
+        """The chat reply as chunks (each choice's `text` is the new content)."""
+        body = chat_body(messages, model or (yield from Api.base_model(self)), adapters, True, params)
+        return (yield Call("POST", "/v1/chat/completions", body, stream=True))
+
+    # -- adapters
+    def upload_adapter(self, name: str, path: str | os.PathLike, format: str | None = None,
+                       progress: Progress | None = None) -> AdapterInfo:
+        """Upload an adapter directory as saved by AdapterHub `save_adapter` or PEFT
+        `save_pretrained` (or a .zip/.tar.gz of one). `format` is "adapterhub" | "peft" | None
+        (detected); `progress(sent, total)` is called as the body goes out. The name also goes
+        in the query, so that the server refuses a bad or taken name before reading the body."""
+        upload = multipart_upload(name, path, format)
+        try:  # ask first: a body the server would refuse (name taken, too large) is never sent
+            yield call("POST", "/v1/adapters/check", dict, {"name": name, "bytes": len(upload.content)}, admin=True)
+        except AdapterServerError as e:
+            if not skip_precheck(e):
+                raise
+        return (yield Call("POST", "/v1/adapters", parse=json_as(parse_adapter), admin=True, params={"name": name},
+                           upload=upload, progress=progress))
+
+    def register_adapter(self, name: str, path: str, format: str | None = None) -> AdapterInfo:
+        """Add an adapter from a directory on the *server's* file system."""
+        body = {"name": name, "path": path, **({"format": format} if format else {})}
+        return (yield call("POST", "/v1/adapters/register", parse_adapter, body, admin=True))
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        return (yield call("GET", "/v1/adapters", parse_adapters))
+
+    def get_adapter(self, name: str) -> AdapterInfo:
+        return (yield call("GET", adapter_path(name), parse_adapter))
+
+    def download_adapter(self, name: str, dest: str | os.PathLike) -> Path:
+        """The adapter's files, extracted into directory `dest`."""
+        return (yield Call("GET", adapter_path(name, "/files"), parse=lambda r: unpack_zip(r.content, dest)))
+
+    def delete_adapter(self, name: str) -> Deleted:
+        return (yield call("DELETE", adapter_path(name), lambda data: build(Deleted, data), admin=True))
+
+    # -- merge
+    def merged(self) -> MergeState:
+        return (yield call("GET", "/v1/merge", lambda data: build(MergeState, data)))
+
+    def merge(self, adapter: str) -> MergeState:
+        """Fold a LoRA-family or (IA)^3 adapter into the base weights (Conflict if it cannot)."""
+        return (yield call("POST", "/v1/merge", lambda data: build(MergeState, data), {"adapter": adapter}, admin=True))
+
+    def reset(self) -> MergeState:
+        """Restore the original base weights."""
+        return (yield call("POST", "/v1/merge/reset", lambda data: build(MergeState, data), admin=True))
+
+
+PLANS = {name: plan for name, plan in vars(Api).items() if inspect.isgeneratorfunction(plan)}
+STREAMS = ("stream", "chat_stream")  # plans whose result is an iterator of chunks
+
+
+Plan = Generator[Call, Any, Any]
+
+
+def advance(plan: Plan, value: Any, error: AdapterServerError | None) -> tuple[bool, Any]:
+    """Give the plan its last call's result (or throw in its error): (True, the plan's result)
+    when it is done, else (False, its next call)."""
+    try:
+        return False, plan.throw(error) if error else plan.send(value)
+    except StopIteration as done:
+        return True, done.value
+
+
+def run_plan(plan: Plan, perform: Callable[[Call], Any]) -> Any:
+    """Run a plan, performing each call blocking; a failed call's error is thrown into the plan."""
+    done, step = advance(plan, None, None)
+    while not done:
+        try:
+            result = perform(step)
+        except AdapterServerError as e:
+            done, step = advance(plan, None, e)
+        else:
+            done, step = advance(plan, result, None)
+    return step
+
+
+async def arun_plan(plan: Plan, perform: Callable[[Call], Awaitable[Any]]) -> Any:
+    """`run_plan`, each call awaited."""
+    done, step = advance(plan, None, None)
+    while not done:
+        try:
+            result = await perform(step)
+        except AdapterServerError as e:
+            done, step = advance(plan, None, e)
+        else:
+            done, step = advance(plan, result, None)
+    return step
+
+
+def with_api(asynchronous: bool):
+    """Class decorator: one method per `Api` plan, run by the class's `_perform`."""
+
+    def sync_method(name, plan):
+        if name in STREAMS:
+            def method(self, *args, **kwargs):
+                yield from run_plan(plan(self, *args, **kwargs), self._perform)
+        else:
+            def method(self, *args, **kwargs):
+                return run_plan(plan(self, *args, **kwargs), self._perform)
+        return method
+
+    def async_method(name, plan):
+        if name in STREAMS:
+            async def method(self, *args, **kwargs):
+                async for chunk in await arun_plan(plan(self, *args, **kwargs), self._perform):
+                    yield chunk
+        else:
+            async def method(self, *args, **kwargs):
+                return await arun_plan(plan(self, *args, **kwargs), self._perform)
+        return method
+
+    def decorate(cls):
+        for name, plan in PLANS.items():
+            setattr(cls, name, functools.wraps(plan)((async_method if asynchronous else sync_method)(name, plan)))
+        return cls
+
+    return decorate
+
+
+class Connection:
+    """What both clients hold: the httpx client (with the URL and the key every call sends),
+    the admin key, and the base model's name once asked."""
+
+    def __init__(self, http_class, base_url, api_key, timeout, transport, admin_key):
         api_key, self.admin_key = client_keys(api_key, admin_key)
-        self.http = httpx.Client(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
+        self.http = http_class(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
         self._base: str | None = None
 
     @property
     def base_url(self) -> str:
         return str(self.http.base_url).rstrip("/")
+
+
+@with_api(asynchronous=False)
+class AdapterServerClient(Connection):
+    """Blocking client. `base_url` defaults to $ADAPTER_CLIENT_URL, then http://127.0.0.1:8000;
+    `api_key` to $ADAPTER_CLIENT_API_KEY and `admin_key` to $ADAPTER_CLIENT_ADMIN_KEY. Admin
+    calls (upload, register, delete, merge, reset) send the admin key when there is one, every
+    other call the inference key (or the admin key if that is the only one). Use as a context
+    manager, or call `close()`. Its API methods are `Api`'s."""
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None,
+                 timeout: float | httpx.Timeout | None = None, transport: httpx.BaseTransport | None = None,
+                 admin_key: str | None = None):
+        super().__init__(httpx.Client, base_url, api_key, timeout, transport, admin_key)
 
     def close(self) -> None:
         self.http.close()
@@ -432,64 +627,19 @@ class AdapterServerClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+    def _perform(self, call: Call) -> Any:
+        content = chunks(call.upload.content, call.progress) if call.upload else None
         try:
-            response = self.http.send(request, stream=stream)
+            response = self.http.send(build_request(self.http, call, self.admin_key, content), stream=call.stream)
         except httpx.TransportError as e:
             raise ConnectionFailed(0, f"cannot reach {self.base_url}: {e}", "connection_error") from e
-        if stream and not response.is_success:
+        if call.stream and not response.is_success:
             response.read()
             response.close()
-        return check(response)
+        check(response)
+        return self._events(response) if call.stream else call.parse(response)
 
-    def _json(self, method: str, path: str, body: dict | None = None, admin: bool = False) -> Any:
-        headers = admin_headers(self.admin_key) if admin else None
-        return self._send(self.http.build_request(method, path, json=body, headers=headers)).json()
-
-    # -- server
-    def health(self) -> Health:
-        return parse_health(self._json("GET", "/health"))
-
-    def models(self) -> list[Model]:
-        return parse_models(self._json("GET", "/v1/models"))
-
-    def base_model(self) -> str:
-        """The base model's name (asked once, then remembered)."""
-        if self._base is None:
-            self._base = base_model(self.models())
-        return self._base
-
-    # -- completions
-    def complete(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
-                 adapters: Sequence[str] | None = None, **params: Any) -> Completion:
-        """One completion. `model` is the base model or an adapter name (default: the base);
-        `adapters` a stack applied in order; `params` any OpenAI completion field
-        (max_tokens, temperature, top_p, top_k, seed, stop, logprobs, echo, ...)."""
-        body = completion_body(prompt, model or self.base_model(), adapters, False, params)
-        return parse_completion(self._json("POST", "/v1/completions", body))
-
-    def stream(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
-               adapters: Sequence[str] | None = None, **params: Any) -> Iterator[Completion]:
-        """The completion as chunks, as the server produces them (server-sent events)."""
-        body = completion_body(prompt, model or self.base_model(), adapters, True, params)
-        return self._events("/v1/completions", body)
-
-    def chat(self, messages: Sequence[dict[str, Any]], model: str | None = None, adapters: Sequence[str] | None = None,
-             **params: Any) -> Completion:
-        """A chat completion: `messages` ({"role", "content"} dicts) through the base model's chat
-        template; `.text` is the assistant's reply. `params`: any chat field (max_tokens,
-        temperature, n, seed, logprobs, top_logprobs, ...)."""
-        body = chat_body(messages, model or self.base_model(), adapters, False, params)
-        return parse_completion(self._json("POST", "/v1/chat/completions", body))
-
-    def chat_stream(self, messages: Sequence[dict[str, Any]], model: str | None = None,
-                    adapters: Sequence[str] | None = None, **params: Any) -> Iterator[Completion]:
-        """The chat reply as chunks (each choice's `text` is the new content)."""
-        body = chat_body(messages, model or self.base_model(), adapters, True, params)
-        return self._events("/v1/chat/completions", body)
-
-    def _events(self, path: str, body: dict) -> Iterator[Completion]:
-        response = self._send(self.http.build_request("POST", path, json=body), stream=True)
+    def _events(self, response: httpx.Response) -> Iterator[Completion]:
         try:
             for line in response.iter_lines():
                 chunk = parse_sse_line(line)
@@ -500,65 +650,15 @@ class AdapterServerClient:
         finally:
             response.close()
 
-    # -- adapters
-    def upload_adapter(self, name: str, path: str | os.PathLike, format: str | None = None,
-                       progress: Progress | None = None) -> AdapterInfo:
-        """Upload an adapter directory as saved by AdapterHub `save_adapter` or PEFT
-        `save_pretrained` (or a .zip/.tar.gz of one). `format` is "adapterhub" | "peft" | None
-        (detected); `progress(sent, total)` is called as the body goes out."""
-        request = upload_request(self.http, name, path, format, admin_headers(self.admin_key))
-        try:  # ask first: a body the server would refuse (name taken, too large) is never sent
-            self._json("POST", "/v1/adapters/check", upload_check_body(name, request), admin=True)
-        except AdapterServerError as e:
-            if not skip_precheck(e):
-                raise
-        return parse_adapter(self._send(with_progress(self.http, request, progress, False)).json())
 
-    def register_adapter(self, name: str, path: str, format: str | None = None) -> AdapterInfo:
-        """Add an adapter from a directory on the *server's* file system."""
-        body = {"name": name, "path": path, **({"format": format} if format else {})}
-        return parse_adapter(self._json("POST", "/v1/adapters/register", body, admin=True))
-
-    def list_adapters(self) -> list[AdapterInfo]:
-        return parse_adapters(self._json("GET", "/v1/adapters"))
-
-    def get_adapter(self, name: str) -> AdapterInfo:
-        return parse_adapter(self._json("GET", adapter_path(name)))
-
-    def download_adapter(self, name: str, dest: str | os.PathLike) -> Path:
-        """The adapter's files, extracted into directory `dest`."""
-        response = self._send(self.http.build_request("GET", adapter_path(name, "/files")))
-        return unpack_zip(response.content, dest)
-
-    def delete_adapter(self, name: str) -> Deleted:
-        return build(Deleted, self._json("DELETE", adapter_path(name), admin=True))
-
-    # -- merge
-    def merged(self) -> MergeState:
-        return build(MergeState, self._json("GET", "/v1/merge"))
-
-    def merge(self, adapter: str) -> MergeState:
-        """Fold a LoRA-family or (IA)^3 adapter into the base weights (Conflict if it cannot)."""
-        return build(MergeState, self._json("POST", "/v1/merge", {"adapter": adapter}, admin=True))
-
-    def reset(self) -> MergeState:
-        """Restore the original base weights."""
-        return build(MergeState, self._json("POST", "/v1/merge/reset", admin=True))
-
-
-class AsyncAdapterServerClient:
+@with_api(asynchronous=True)
+class AsyncAdapterServerClient(Connection):
     """The same API as `AdapterServerClient`, every call awaitable; `stream` is an async iterator."""
 
     def __init__(self, base_url: str | None = None, api_key: str | None = None,
                  timeout: float | httpx.Timeout | None = None, transport: httpx.AsyncBaseTransport | None = None,
                  admin_key: str | None = None):
-        api_key, self.admin_key = client_keys(api_key, admin_key)
-        self.http = httpx.AsyncClient(**client_options(base_url, api_key or self.admin_key, timeout), transport=transport)
-        self._base: str | None = None
-
-    @property
-    def base_url(self) -> str:
-        return str(self.http.base_url).rstrip("/")
+        super().__init__(httpx.AsyncClient, base_url, api_key, timeout, transport, admin_key)
 
     async def close(self) -> None:
         await self.http.aclose()
@@ -569,55 +669,19 @@ class AsyncAdapterServerClient:
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
-    async def _send(self, request: httpx.Request, stream: bool = False) -> httpx.Response:
+    async def _perform(self, call: Call) -> Any:
+        content = achunks(call.upload.content, call.progress) if call.upload else None
         try:
-            response = await self.http.send(request, stream=stream)
+            response = await self.http.send(build_request(self.http, call, self.admin_key, content), stream=call.stream)
         except httpx.TransportError as e:
             raise ConnectionFailed(0, f"cannot reach {self.base_url}: {e}", "connection_error") from e
-        if stream and not response.is_success:
+        if call.stream and not response.is_success:
             await response.aread()
             await response.aclose()
-        return check(response)
+        check(response)
+        return self._events(response) if call.stream else call.parse(response)
 
-    async def _json(self, method: str, path: str, body: dict | None = None, admin: bool = False) -> Any:
-        headers = admin_headers(self.admin_key) if admin else None
-        return (await self._send(self.http.build_request(method, path, json=body, headers=headers))).json()
-
-    async def health(self) -> Health:
-        return parse_health(await self._json("GET", "/health"))
-
-    async def models(self) -> list[Model]:
-        return parse_models(await self._json("GET", "/v1/models"))
-
-    async def base_model(self) -> str:
-        if self._base is None:
-            self._base = base_model(await self.models())
-        return self._base
-
-    async def complete(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
-                       adapters: Sequence[str] | None = None, **params: Any) -> Completion:
-        body = completion_body(prompt, model or await self.base_model(), adapters, False, params)
-        return parse_completion(await self._json("POST", "/v1/completions", body))
-
-    async def stream(self, prompt: str | Sequence[int] | Sequence[str], model: str | None = None,
-                     adapters: Sequence[str] | None = None, **params: Any) -> AsyncIterator[Completion]:
-        body = completion_body(prompt, model or await self.base_model(), adapters, True, params)
-        async for chunk in self._events("/v1/completions", body):
-            yield chunk
-
-    async def chat(self, messages: Sequence[dict[str, Any]], model: str | None = None,
-                   adapters: Sequence[str] | None = None, **params: Any) -> Completion:
-        body = chat_body(messages, model or await self.base_model(), adapters, False, params)
-        return parse_completion(await self._json("POST", "/v1/chat/completions", body))
-
-    async def chat_stream(self, messages: Sequence[dict[str, Any]], model: str | None = None,
-                          adapters: Sequence[str] | None = None, **params: Any) -> AsyncIterator[Completion]:
-        body = chat_body(messages, model or await self.base_model(), adapters, True, params)
-        async for chunk in self._events("/v1/chat/completions", body):
-            yield chunk
-
-    async def _events(self, path: str, body: dict) -> AsyncIterator[Completion]:
-        response = await self._send(self.http.build_request("POST", path, json=body), stream=True)
+    async def _events(self, response: httpx.Response) -> AsyncIterator[Completion]:
         try:
             async for line in response.aiter_lines():
                 chunk = parse_sse_line(line)
@@ -628,38 +692,12 @@ class AsyncAdapterServerClient:
         finally:
             await response.aclose()
 
-    async def upload_adapter(self, name: str, path: str | os.PathLike, format: str | None = None,
-                             progress: Progress | None = None) -> AdapterInfo:
-        request = upload_request(self.http, name, path, format, admin_headers(self.admin_key))
-        try:
-            await self._json("POST", "/v1/adapters/check", upload_check_body(name, request), admin=True)
-        except AdapterServerError as e:
-            if not skip_precheck(e):
-                raise
-        return parse_adapter((await self._send(with_progress(self.http, request, progress, True))).json())
 
-    async def register_adapter(self, name: str, path: str, format: str | None = None) -> AdapterInfo:
-        body = {"name": name, "path": path, **({"format": format} if format else {})}
-        return parse_adapter(await self._json("POST", "/v1/adapters/register", body, admin=True))
-
-    async def list_adapters(self) -> list[AdapterInfo]:
-        return parse_adapters(await self._json("GET", "/v1/adapters"))
-
-    async def get_adapter(self, name: str) -> AdapterInfo:
-        return parse_adapter(await self._json("GET", adapter_path(name)))
-
-    async def download_adapter(self, name: str, dest: str | os.PathLike) -> Path:
-        response = await self._send(self.http.build_request("GET", adapter_path(name, "/files")))
-        return unpack_zip(response.content, dest)
-
-    async def delete_adapter(self, name: str) -> Deleted:
-        return build(Deleted, await self._json("DELETE", adapter_path(name), admin=True))
-
-    async def merged(self) -> MergeState:
-        return build(MergeState, await self._json("GET", "/v1/merge"))
-
-    async def merge(self, adapter: str) -> MergeState:
-        return build(MergeState, await self._json("POST", "/v1/merge", {"adapter": adapter}, admin=True))
-
-    async def reset(self) -> MergeState:
-        return build(MergeState, await self._json("POST", "/v1/merge/reset", admin=True))
+def build_request(http: httpx.Client | httpx.AsyncClient, call: Call, admin_key: str | None, content) -> httpx.Request:
+    """The request of `call`: the admin key for admin calls; an upload's multipart type and
+    size, its bytes sent as `content` (chunks that report progress)."""
+    headers = admin_headers(admin_key) if call.admin else {}
+    if call.upload:
+        headers.update({"content-type": call.upload.content_type, "content-length": str(len(call.upload.content))})
+    return http.build_request(call.method, call.path, json=call.json, params=call.params, content=content,
+                              headers=headers or None)

@@ -6,13 +6,20 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
+from dataclasses import fields
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
+from adapter_runtime import engine as runtime
+from adapter_runtime.engine import Engine, EngineConfig, EngineHooks
+from adapter_runtime.registry import CacheLimits
+from adapter_runtime.store import AdapterStore, BaseIdentity, StoreLimits
+
 from . import auth, errors, routes, routes_adapters, routes_chat, routes_compose, routes_merge, routes_tokenize
+from .demo import demo_adapters
 from .limits import StreamLimiter
 from .metrics import Metrics
 from .middleware import RequestContext
@@ -22,46 +29,37 @@ log = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).with_name("static")  # the dashboard (plain HTML/JS/CSS, no build step)
 
 
-def build_engine(settings: Settings):
-    from adapter_runtime.engine import EngineConfig, build_engine
-
-    config = EngineConfig(max_batch=settings.max_batch, max_seq_len=settings.max_seq_len, max_queue=settings.max_queue,
-                          compile=settings.compile, token_budget=settings.token_budget,
-                          bank_slots=max(settings.max_batch, settings.device_cache_adapters))
-    adapters = settings.adapters
-    if settings.demo:
-        from .demo import demo_adapters
-
-        adapters = (*demo_adapters(), *adapters)
-    engine = build_engine(settings.model, settings.dtype, settings.device, config, adapters)
-    attach_store(engine, settings)
-    return engine
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's configuration: the fields it shares with the settings, taken by name."""
+    shared = {f.name: getattr(settings, f.name) for f in fields(EngineConfig) if f.name in Settings.model_fields}
+    return EngineConfig(**shared, bank_slots=max(settings.max_batch, settings.device_cache_adapters))
 
 
-def attach_store(engine, settings: Settings) -> None:
-    """Serve the adapter store at `settings.store_dir` with the configured cache limits."""
-    from adapter_runtime.registry import CacheLimits
-    from adapter_runtime.store import AdapterStore, StoreLimits
-
-    from adapter_runtime.store import BaseIdentity
-
+def build_engine(settings: Settings, hooks: EngineHooks = EngineHooks(), cache_observer=None) -> Engine:
+    """The engine `settings` describe (not started), reporting to `hooks` / `cache_observer`,
+    serving the adapter store at `settings.store_dir` with the configured cache limits."""
+    adapters = (*demo_adapters(), *settings.adapters) if settings.demo else settings.adapters
+    engine = runtime.build_engine(settings.model, dtype=settings.dtype, device=settings.device,
+                                  config=engine_config(settings), adapters=adapters, hooks=hooks,
+                                  cache_observer=cache_observer)
     store = AdapterStore(settings.store_dir, engine.info, StoreLimits(settings.max_lora_rank, settings.max_prefix_len),
                          BaseIdentity.of(engine.model_name, engine.model))
     limits = CacheLimits(settings.device_cache_adapters, settings.device_cache_bytes, settings.host_cache_bytes)
-    engine.registry.attach(store, limits)
+    engine.registry.attach(store, limits)  # after the startup adapters: their names come first
+    return engine
 
 
-def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
-    """An app serving `engine` (started and stopped with the app), or one built from `settings`."""
+def create_app(settings: Settings | None = None, engine: Engine | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """An app serving `engine` (started and stopped with the app), or one built from `settings`
+    in the lifespan. An injected engine reports to `metrics` (built with `metrics.engine_hooks()`)."""
     settings = settings or Settings.from_env()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        eng = engine if engine is not None else build_engine(settings)
+        eng = engine if engine is not None else build_engine(settings, app.state.metrics.engine_hooks(),
+                                                             app.state.metrics.cache_event)
         app.state.chat_template = routes_chat.load_chat_template(settings.chat_template, eng.tokenizer)
-        app.state.metrics.attach(eng)
         app.state.engine = eng.start()
-        app.state.created = int(time.time())
         log.info("serving %s (%d adapters) on %s, max_batch %d, max_seq_len %d", eng.model_name,
                  len(eng.registry.names()), eng.device, eng.config.max_batch, eng.max_seq_len)
         log.info("API keys: %s", auth.describe_keys(settings))
@@ -74,7 +72,8 @@ def create_app(settings: Settings | None = None, engine=None) -> FastAPI:
 
     app = FastAPI(title="adapter-server", version="0.1.0", lifespan=lifespan)
     app.state.settings = settings
-    app.state.metrics = Metrics(lambda: engine_state(app))
+    app.state.created = int(time.time())  # /v1/models' `created` of the base model
+    app.state.metrics = metrics or Metrics(lambda: engine_state(getattr(app.state, "engine", None)))
     app.state.limiter = StreamLimiter(settings.max_streams_per_key)
     app.add_middleware(RequestContext, metrics=app.state.metrics, max_body_bytes=settings.max_body_bytes)
     errors.install(app)
@@ -105,9 +104,8 @@ class DashboardFiles(StaticFiles):
         return response
 
 
-def engine_state(app: FastAPI) -> dict:
+def engine_state(engine: Engine | None) -> dict:
     """What the metrics' gauges read at scrape time ({} before the engine starts)."""
-    engine = getattr(app.state, "engine", None)
     if engine is None:
         return {}
     store = engine.registry.store

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import hmac
 import logging
-from dataclasses import replace
-
-from fastapi import Request
+from fastapi import Depends, Request
 
 from adapter_runtime.errors import Forbidden, Unauthorized
 
+from .deps import get_settings
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ def bind_host(settings: Settings) -> Settings:
     log.warning("no API keys configured (--api-key / --admin-key): the API is open to anyone who can reach it, "
                 "so the server binds to %s only%s", LOCALHOST,
                 f" (ignoring host {settings.host})" if settings.host != LOCALHOST else "")
-    return replace(settings, host=LOCALHOST)
+    return settings.model_copy(update={"host": LOCALHOST})
 
 
 def describe_keys(settings: Settings) -> str:
@@ -57,13 +56,8 @@ def _same(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and hmac.compare_digest(a.encode(), b.encode())
 
 
-def _settings(request: Request) -> Settings:
-    return getattr(request.app.state, "settings", None) or Settings()
-
-
-def inference(request: Request) -> None:
+def inference(request: Request, s: Settings = Depends(get_settings)) -> None:
     """Dependency of inference endpoints: either key."""
-    s = _settings(request)
     if not (s.api_key or s.admin_key):
         return
     key = _presented(request)
@@ -71,9 +65,8 @@ def inference(request: Request) -> None:
         raise Unauthorized("missing or invalid API key: send `Authorization: Bearer KEY`")
 
 
-def admin(request: Request) -> None:
+def admin(request: Request, s: Settings = Depends(get_settings)) -> None:
     """Dependency of admin endpoints (uploads, deletes, merges): the admin key only."""
-    s = _settings(request)
     if not (s.api_key or s.admin_key):
         return
     key = _presented(request)
@@ -86,9 +79,8 @@ def admin(request: Request) -> None:
     raise Unauthorized("missing or invalid admin key: send `Authorization: Bearer ADMIN_KEY`")
 
 
-def metrics(request: Request) -> None:
+def metrics(request: Request, s: Settings = Depends(get_settings)) -> None:
     """Dependency of /metrics: any configured key (metrics, inference or admin); open without keys."""
-    s = _settings(request)
     keys = [k for k in (s.metrics_key, s.api_key, s.admin_key) if k]
     if not keys:
         return

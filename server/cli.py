@@ -4,77 +4,72 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
+import types
+import typing
 from typing import Sequence
 
-from .settings import Settings, parse_adapter_spec
+import uvicorn
+from pydantic import ValidationError
+
+from .auth import bind_host
+from .middleware import configure_logging
+from .settings import ENV_PREFIX, Flag, Settings
 
 
 def parser() -> argparse.ArgumentParser:
+    """`serve`'s flags, one per Settings field (server/settings.py declares them)."""
     p = argparse.ArgumentParser(prog="adapter-server", description="Serve one base model with many adapters.")
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the HTTP server (flags override ADAPTER_SERVER_* variables)")
-    s.add_argument("--model", help="local Hugging Face checkpoint directory (default: the embedded tiny model)")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    s.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    s.add_argument("--max-batch", type=int, dest="max_batch")
-    s.add_argument("--max-seq-len", type=int, dest="max_seq_len")
-    s.add_argument("--max-queue", type=int, dest="max_queue")
-    s.add_argument("--adapter", action="append", type=parse_adapter_spec, dest="adapters", metavar="NAME=DIR",
-                   help="load an adapter directory at startup (repeatable)")
-    s.add_argument("--api-key", dest="api_key", help="inference key (Authorization: Bearer KEY)")
-    s.add_argument("--admin-key", dest="admin_key", help="admin key: uploads, deletes, merges")
-    s.add_argument("--metrics-key", dest="metrics_key",
-                   help="a key that may read /metrics (the inference and admin keys may too); with any key set, "
-                        "/metrics needs one")
-    s.add_argument("--store-dir", dest="store_dir", help="where uploaded adapters are kept (default ./data/adapters)")
-    s.add_argument("--adapter-root", dest="adapter_root", help="server-side folders below this may be registered")
-    for flag in ("max-upload-bytes", "device-cache-adapters", "device-cache-bytes", "host-cache-bytes",
-                 "max-lora-rank", "max-prefix-len", "max-prompt-tokens", "max-tokens-limit", "max-body-bytes",
-                 "max-stack-adapters", "max-streams-per-key", "max-prompt-chars"):
-        s.add_argument(f"--{flag}", type=int, dest=flag.replace("-", "_"))
-    s.add_argument("--shutdown-grace-s", type=float, dest="shutdown_grace_s",
-                   help="on SIGTERM, running requests get this many seconds to finish (default 10)")
-    s.add_argument("--no-compile", dest="compile", action="store_const", const=False,
-                   help="run every engine step eagerly (default: compile the static decode step at startup)")
-    s.add_argument("--token-budget", type=int, dest="token_budget",
-                   help="tokens per engine step, decode rows + prompt chunks (default 512)")
-    c = s.add_argument_group("scale-out on Ray Serve (pip install 'adapter-server[cluster]')")
-    c.add_argument("--replicas", type=int, help="run N engine replicas behind this API on Ray Serve")
-    c.add_argument("--max-replicas", type=int, dest="max_replicas", help="autoscale from --replicas up to this many")
-    c.add_argument("--ray-address", dest="ray_address", help="join this Ray cluster ('auto': this node's) "
-                   "instead of starting a local instance")
-    c.add_argument("--replica-cpus", type=float, dest="replica_cpus", help="CPUs per engine replica (default 1)")
-    c.add_argument("--replica-gpus", type=float, dest="replica_gpus", help="GPUs per engine replica "
-                   "(default: 1 where the cluster has GPUs)")
-    c.add_argument("--routing", choices=["affinity", "random"], help="send requests to a replica holding "
-                   "their adapters (default) or anywhere")
-    s.add_argument("--chat-template", dest="chat_template", metavar="FILE",
-                   help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own)")
-    s.add_argument("--log-level", dest="log_level", choices=["debug", "info", "warning", "error"])
-    s.add_argument("--log-format", dest="log_format", choices=["text", "json"])
-    s.add_argument("--demo", action="store_true", default=None,
-                   help="register the demo adapters (one per method) trained for the embedded model")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, field in Settings.model_fields.items():
+        flag = next((m for m in field.metadata if isinstance(m, Flag)), Flag())
+        target = s if flag.group is None else groups.setdefault(flag.group, s.add_argument_group(flag.group))
+        target.add_argument(flag.name or "--" + name.replace("_", "-"), dest=name, default=None,
+                            help=help_text(field), **argument_kind(field.annotation, flag))
     return p
+
+
+def help_text(field) -> str:
+    """The field's description, with its default where the description does not say it."""
+    text = field.description or ""
+    if "default" in text or field.default in (None, (), False) or isinstance(field.default, bool):
+        return text
+    return f"{text} (default: {field.default})"
+
+
+def argument_kind(annotation, flag: Flag) -> dict:
+    """argparse's type/choices/action for a field's annotation (Optional unwrapped)."""
+    if flag.action in ("store_true", "store_false"):
+        return {"action": flag.action}
+    if flag.action == "append":  # each value is checked by the field's validator
+        return {"action": "append", "metavar": flag.metavar}
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        annotation = args[0]
+    if typing.get_origin(annotation) is typing.Literal:
+        return {"choices": list(typing.get_args(annotation)), "metavar": flag.metavar}
+    return {"type": annotation if annotation in (int, float) else str, "metavar": flag.metavar}
+
+
+def setting_error(error: dict) -> str:
+    name = str(error["loc"][0]) if error["loc"] else "?"
+    return f"--{name.replace('_', '-')} / {ENV_PREFIX}{name.upper()}: {error['msg']}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k != "command"}
-    if overrides.get("adapters"):
-        overrides["adapters"] = tuple(overrides["adapters"])
-    settings = Settings.from_env(**overrides)
+    try:
+        settings = Settings.from_env(**{k: v for k, v in vars(args).items() if k != "command"})
+    except ValidationError as e:  # a bad flag value or ADAPTER_SERVER_* variable
+        parser().error("; ".join(setting_error(err) for err in e.errors()))
     if settings.demo and settings.model:
         parser().error("--demo registers adapters made for the embedded model; it cannot be combined with --model")
-    from .middleware import configure_logging
-
     configure_logging(settings.log_level, settings.log_format)
-
-    from .auth import bind_host
-
     settings = bind_host(settings)
-
+    # the app and the cluster are imported once the flags are good: they load torch (and Ray),
+    # which `--help` and a flag error do not need
     if settings.replicas is not None or settings.ray_address or settings.max_replicas:
         from . import cluster
 
@@ -93,10 +88,6 @@ def run_server(app, settings: Settings) -> None:
     /health) with 503, so load balancers see "draining", not "connection refused"; once the
     engine is idle it stops listening, waits for the last responses, and exits 0. A second
     signal stops at once."""
-    import time
-
-    import uvicorn
-
     class DrainingServer(uvicorn.Server):
         drain_until: float | None = None  # set by the first signal
 

@@ -113,7 +113,3 @@ class StreamLimiter:
             self._used[key] -= n
             if self._used[key] <= 0:
                 del self._used[key]
-
-    def in_use(self, key: str) -> int:
-        with self._lock:
-            return self._used[key]

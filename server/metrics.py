@@ -1,7 +1,7 @@
 """Prometheus metrics of one app instance (its own CollectorRegistry, never the global one).
 
-The engine and the adapter registry know nothing of Prometheus: they call plain callbacks
-(`EngineHooks`, `AdapterRegistry.observer`) that this module provides. Gauges that describe
+The engine and the adapter registry know nothing of Prometheus: they are built with plain
+callbacks (`engine_hooks()`, `cache_event`) that this module provides. Gauges that describe
 the engine's present state (queue depth, running requests) are read at scrape time.
 
     adapter_server_http_requests_total{method,route,status}
@@ -23,6 +23,8 @@ from __future__ import annotations
 from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from adapter_runtime.engine import EngineHooks
 
 PREFIX = "adapter_server_"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -61,6 +63,10 @@ class Metrics:
         Gauge(PREFIX + name, doc, registry=self.registry).set_function(read)
 
     # ------------------------------------------------------------------ callbacks
+    def engine_hooks(self) -> EngineHooks:
+        """What an engine built for this app reports to (pass it to the engine's constructor)."""
+        return EngineHooks(first_token=self.first_token, finished=self.finished)
+
     def first_token(self, request, seconds: float) -> None:
         self.ttft.observe(seconds)
 
@@ -86,10 +92,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-    def attach(self, engine) -> None:
-        """Route the engine's and its registry's callbacks here."""
-        from adapter_runtime.engine import EngineHooks
-
-        engine.hooks = EngineHooks(first_token=self.first_token, finished=self.finished)
-        engine.registry.observer = self.cache_event

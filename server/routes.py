@@ -19,29 +19,23 @@ from fastapi.responses import Response, StreamingResponse
 from adapter_runtime.composition import adapter_names, request_rows
 from adapter_runtime.engine import Completion, Engine, Event, RequestHandle, TokenLogprob
 from adapter_runtime.engine import Request as EngineRequest
-from adapter_runtime.errors import AdapterNotFound, EngineUnavailable, InvalidRequest
+from adapter_runtime.errors import AdapterNotFound, InvalidRequest
 from adapter_runtime.layout import row_layout
 from adapter_runtime.sampling import SamplingParams
 
 from . import auth, errors, limits
+from .deps import get_engine, get_settings
 from .schemas import (REFUSED_COMPLETIONS, CompletionChoice, CompletionRequest, CompletionResponse, Logprobs, ModelCard,
                       ModelList, Prompt, SamplingRequest, Usage, refused_fields)
+from .settings import Settings
 
 router = APIRouter()
 
 DISCONNECT_POLL_S = 0.25
 
 
-def get_engine(request: Request) -> Engine:
-    engine = getattr(request.app.state, "engine", None)
-    if engine is None or not engine.running:
-        raise EngineUnavailable("the engine is not running")
-    return engine
-
-
 @router.get("/health")
-async def health(request: Request) -> dict:
-    engine = get_engine(request)
+async def health(engine: Engine = Depends(get_engine)) -> dict:
     return {"status": "ok", "model": engine.model_name, **engine.stats(), "adapters": engine.registry.stats()}
 
 
@@ -61,8 +55,7 @@ async def version() -> dict:
 
 
 @router.get("/v1/models", response_model=ModelList, dependencies=[Depends(auth.inference)])
-async def list_models(request: Request) -> ModelList:
-    engine = get_engine(request)
+async def list_models(request: Request, engine: Engine = Depends(get_engine)) -> ModelList:
     created = request.app.state.created
     cards = []
     for name in engine.registry.models():
@@ -74,20 +67,19 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, dependencies=[Depends(auth.inference)])
-async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    return model_card(get_engine(request), model_id, request.app.state.created)
+async def retrieve_model(model_id: str, request: Request, engine: Engine = Depends(get_engine)) -> ModelCard:
+    return model_card(engine, model_id, request.app.state.created)
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, dependencies=[Depends(auth.inference)])
-async def completions(body: CompletionRequest, request: Request):
-    engine = get_engine(request)
-    settings = request.app.state.settings
+async def completions(body: CompletionRequest, request: Request, engine: Engine = Depends(get_engine),
+                      settings: Settings = Depends(get_settings)):
     check_fields(body, REFUSED_COMPLETIONS)
     prompts = await prompt_token_ids(engine, settings, body.prompt)
     limits.check_request(settings, prompts, body.max_tokens, adapter_names(body.adapters), body.stop_token_ids,
                          engine.info.vocab_size)
     params = sampling_params(body, 16 if body.max_tokens is None else body.max_tokens, body.logprobs, body.echo)
-    handles = await submit_choices(request, engine, body, prompts, params)
+    handles = await submit_choices(request, engine, settings, body, prompts, params)
     per_prompt = len(handles) // len(prompts)  # engine requests per prompt: best_of or n, times Parallel channels
     head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
             "model": body.model}
@@ -140,7 +132,7 @@ def include_usage(body: SamplingRequest) -> bool:
     return body.stream_options is not None and body.stream_options.include_usage
 
 
-async def prompt_token_ids(engine: Engine, settings, prompt: Prompt) -> list[list[int]]:
+async def prompt_token_ids(engine: Engine, settings: Settings, prompt: Prompt) -> list[list[int]]:
     """Each prompt (a string or a list of token ids) becomes one choice."""
     if isinstance(prompt, str):
         return await limits.encode_texts(engine, settings, [prompt])
@@ -193,20 +185,21 @@ def choice_seed(seed: int | None, choice: int) -> int | None:
     return seed - (1 << 64) if seed >= 1 << 64 else seed
 
 
-def context_room(engine: Engine, ids: Sequence[int], setup, settings) -> int:
+def context_room(engine: Engine, ids: Sequence[int], setup, settings: Settings) -> int:
     """max_tokens when a request gives none (chat): the rest of the context, within max_tokens_limit."""
     lay = row_layout(setup)
     room = max(engine.max_seq_len - len(ids) - lay.prefix_len - lay.virtual_tokens, 0)
     return room if settings.max_tokens_limit is None else min(room, settings.max_tokens_limit)
 
 
-async def submit_choices(request: Request, engine: Engine, body: SamplingRequest, prompts: Sequence[Sequence[int]],
-                         params: SamplingParams, open_ended: bool = False) -> list[RequestHandle]:
+async def submit_choices(request: Request, engine: Engine, settings: Settings, body: SamplingRequest,
+                         prompts: Sequence[Sequence[int]], params: SamplingParams,
+                         open_ended: bool = False) -> list[RequestHandle]:
     """One engine request per choice (best_of, else n, per prompt and per Parallel channel;
     prompt-major, then channel order), each with its own seed (`choice_seed`). BatchSplit and
     MultiTask give each prompt its child (composition.request_rows). `open_ended`: max_tokens
     is the rest of the context."""
-    metrics, settings = request.app.state.metrics, request.app.state.settings
+    metrics = request.app.state.metrics
     model, count = adapter_model(engine, body), choices_per_prompt(body)
     rows = request_rows(body.adapters, len(prompts))  # per prompt: each engine row's adapters
     total = sum(len(r) for r in rows) * count

@@ -18,6 +18,7 @@ import io
 import shutil
 import uuid
 from pathlib import Path
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -25,12 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.datastructures import UploadFile
 
 from adapter_runtime import archive
+from adapter_runtime.engine import Engine
 from adapter_runtime.errors import AdapterRuntimeError, Forbidden, InvalidRequest, PayloadTooLarge, brief
 from adapter_runtime.registry import AdapterStatus
 from adapter_runtime.store import ADAPTER_FILES
 
 from . import auth, errors
-from .routes import get_engine
+from .deps import get_engine, get_settings
+from .settings import Settings
 
 router = APIRouter()
 FORM_OVERHEAD = 1 << 20  # multipart headers and boundaries on top of the file bytes
@@ -60,11 +63,47 @@ class UploadCheckBody(BaseModel):
     bytes: int | None = Field(None, ge=0, description="size of the upload body that would be sent")
 
 
-def adapter_info(engine, status: AdapterStatus) -> dict:
-    return {"id": status.name, "object": "adapter", "format": status.format, "method": status.method,
-            "parameters": status.parameters, "bytes": status.bytes, "location": status.location,
-            "pinned": status.pinned, "merged": getattr(engine, "merged_name", None) == status.name,
-            "requests_served": status.requests_served, "created": status.created}
+class AdapterInfo(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    format: str = Field(description="adapterhub | peft")
+    method: str = Field(description="lora, ia3, bottleneck, prefix, prompt, ... (the adapter's method)")
+    parameters: int
+    bytes: int
+    location: str = Field(description="where its weights are now: disk | host | device")
+    pinned: bool = Field(description="registered at startup (never evicted)")
+    merged: bool = Field(description="folded into the base weights (POST /v1/merge)")
+    requests_served: int
+    created: int
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    deleted: bool = True
+
+
+class UploadCheck(BaseModel):
+    name: str
+    ok: bool = True
+    max_upload_bytes: int
+
+
+def adapter_info(engine: Engine, status: AdapterStatus) -> AdapterInfo:
+    return AdapterInfo(id=status.name, format=status.format, method=status.method, parameters=status.parameters,
+                       bytes=status.bytes, location=status.location, pinned=status.pinned,
+                       merged=engine.merged_name == status.name, requests_served=status.requests_served,
+                       created=status.created)
+
+
+def created(info: AdapterInfo) -> JSONResponse:
+    """201 with the new adapter."""
+    return JSONResponse(info.model_dump(), status_code=201)
 
 
 def store_of(engine):
@@ -103,21 +142,19 @@ def counted_receive(receive, cap: int, limit: int):
 
 
 # ---------------------------------------------------------------------- reads
-@router.get("/v1/adapters", dependencies=[Depends(auth.inference)])
-async def list_adapters(request: Request) -> dict:
-    engine = get_engine(request)
-    return {"object": "list", "data": [adapter_info(engine, s) for s in engine.registry.statuses()]}
+@router.get("/v1/adapters", response_model=AdapterList, dependencies=[Depends(auth.inference)])
+async def list_adapters(engine: Engine = Depends(get_engine)) -> AdapterList:
+    return AdapterList(data=[adapter_info(engine, s) for s in engine.registry.statuses()])
 
 
-@router.get("/v1/adapters/{name}", dependencies=[Depends(auth.inference)])
-async def get_adapter(name: str, request: Request) -> dict:
-    engine = get_engine(request)
+@router.get("/v1/adapters/{name}", response_model=AdapterInfo, dependencies=[Depends(auth.inference)])
+async def get_adapter(name: str, engine: Engine = Depends(get_engine)) -> AdapterInfo:
     return adapter_info(engine, engine.registry.status(name))
 
 
-@router.get("/v1/adapters/{name}/files", dependencies=[Depends(auth.inference)])
-async def adapter_files(name: str, request: Request) -> Response:
-    engine = get_engine(request)
+@router.get("/v1/adapters/{name}/files", response_class=Response, dependencies=[Depends(auth.inference)],
+            responses={200: {"content": {"application/zip": {}}, "description": "the adapter's files, zipped"}})
+async def adapter_files(name: str, engine: Engine = Depends(get_engine)) -> Response:
     engine.registry.status(name)  # 404 for unknown names
     buffer = io.BytesIO()
     await asyncio.to_thread(store_of(engine).write_zip, name, buffer)
@@ -126,26 +163,25 @@ async def adapter_files(name: str, request: Request) -> Response:
 
 
 # ---------------------------------------------------------------------- uploads
-@router.post("/v1/adapters/check", dependencies=[Depends(auth.admin)])
-async def check_upload(body: UploadCheckBody, request: Request) -> dict:
+@router.post("/v1/adapters/check", response_model=UploadCheck, dependencies=[Depends(auth.admin)])
+async def check_upload(body: UploadCheckBody, engine: Engine = Depends(get_engine),
+                       settings: Settings = Depends(get_settings)) -> UploadCheck:
     """Would an upload named `name` of `bytes` bytes be accepted? The same 4xx as the upload
     would give (invalid or taken name, too large), without sending the body."""
-    engine = get_engine(request)
     store_of(engine)
-    limit = request.app.state.settings.max_upload_bytes
     engine.registry.check_free(body.name)
-    check_size(body.bytes, limit)
-    return {"name": body.name, "ok": True, "max_upload_bytes": limit}
+    check_size(body.bytes, settings.max_upload_bytes)
+    return UploadCheck(name=body.name, max_upload_bytes=settings.max_upload_bytes)
 
 
-@router.post("/v1/adapters", status_code=201, dependencies=[Depends(auth.admin)])
+@router.post("/v1/adapters", status_code=201, response_model=AdapterInfo, dependencies=[Depends(auth.admin)])
 async def upload_adapter(request: Request,
                          name: str | None = Query(None, description="the adapter's name; given here (rather than as "
                                                   "a form field) a bad or taken name is refused before the body is read"),
-                         format: str | None = Query(None, description="'adapterhub' or 'peft' (default: detected)")):
-    engine = get_engine(request)
+                         format: str | None = Query(None, description="'adapterhub' or 'peft' (default: detected)"),
+                         engine: Engine = Depends(get_engine), settings: Settings = Depends(get_settings)):
     store = store_of(engine)
-    limit = request.app.state.settings.max_upload_bytes
+    limit = settings.max_upload_bytes
     try:
         length = request.headers.get("content-length")
         check_size(int(length) if length and length.isdigit() else None, limit)
@@ -177,7 +213,7 @@ async def upload_adapter(request: Request,
     finally:
         await form.close()
         shutil.rmtree(staging, ignore_errors=True)
-    return JSONResponse(adapter_info(engine, status), status_code=201)
+    return created(adapter_info(engine, status))
 
 
 def stage(staging: Path, files: list[UploadFile], packed: UploadFile | None, limit: int) -> None:
@@ -203,9 +239,8 @@ def stage(staging: Path, files: list[UploadFile], packed: UploadFile | None, lim
 
 
 # ---------------------------------------------------------------------- server-side folders
-def resolve_under_root(request: Request, path: str) -> tuple[Path, Path]:
-    """(the folder, the resolved root) for a `path` relative to --adapter-root."""
-    root = request.app.state.settings.adapter_root
+def resolve_under_root(root: str | None, path: str) -> tuple[Path, Path]:
+    """(the folder, the resolved root) for a `path` relative to --adapter-root (`root`)."""
     if not root:
         raise Forbidden("registering server-side folders is disabled: start the server with --adapter-root DIR")
     if "\x00" in path:
@@ -219,15 +254,14 @@ def resolve_under_root(request: Request, path: str) -> tuple[Path, Path]:
     return target, root_path
 
 
-async def add_from_root(request: Request, name: str, path: str, format: str | None) -> AdapterStatus:
+async def add_from_root(engine: Engine, settings: Settings, name: str, path: str, format: str | None) -> AdapterStatus:
     """Copy the folder's adapter files (each resolved: none may lead out of the root) into a
     staging folder and add that, so the store never reads through a link."""
-    engine = get_engine(request)
     store = store_of(engine)
     engine.registry.check_free(name)
-    directory, root = resolve_under_root(request, path)
+    directory, root = resolve_under_root(settings.adapter_root, path)
     staging = store.root / f".tmp-register-{uuid.uuid4().hex}"
-    budget = archive.Budget(request.app.state.settings.max_upload_bytes)
+    budget = archive.Budget(settings.max_upload_bytes)
     try:
         staging.mkdir(parents=True)
         await asyncio.to_thread(archive.copy_from_root, directory, root, ADAPTER_FILES, staging, budget)
@@ -236,27 +270,27 @@ async def add_from_root(request: Request, name: str, path: str, format: str | No
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@router.post("/v1/adapters/register", status_code=201, dependencies=[Depends(auth.admin)])
-async def register_adapter(body: RegisterBody, request: Request):
-    status = await add_from_root(request, body.name, body.path, check_format(body.format))
-    return JSONResponse(adapter_info(get_engine(request), status), status_code=201)
+@router.post("/v1/adapters/register", status_code=201, response_model=AdapterInfo, dependencies=[Depends(auth.admin)])
+async def register_adapter(body: RegisterBody, engine: Engine = Depends(get_engine),
+                           settings: Settings = Depends(get_settings)):
+    status = await add_from_root(engine, settings, body.name, body.path, check_format(body.format))
+    return created(adapter_info(engine, status))
 
 
 # ---------------------------------------------------------------------- delete
-@router.delete("/v1/adapters/{name}", dependencies=[Depends(auth.admin)])
-async def delete_adapter(name: str, request: Request) -> dict:
-    engine = get_engine(request)
+@router.delete("/v1/adapters/{name}", response_model=AdapterDeleted, dependencies=[Depends(auth.admin)])
+async def delete_adapter(name: str, engine: Engine = Depends(get_engine)) -> AdapterDeleted:
     await asyncio.to_thread(engine.registry.delete, name)  # 409 for the merged adapter, atomically
-    return {"id": name, "object": "adapter", "deleted": True}
+    return AdapterDeleted(id=name)
 
 
 # ---------------------------------------------------------------------- vLLM aliases
-@router.post("/v1/load_lora_adapter", dependencies=[Depends(auth.admin)])
-async def load_lora_adapter(body: LoadLoraBody, request: Request):
-    status = await add_from_root(request, body.lora_name, body.lora_path, None)
-    return adapter_info(get_engine(request), status)
+@router.post("/v1/load_lora_adapter", response_model=AdapterInfo, dependencies=[Depends(auth.admin)])
+async def load_lora_adapter(body: LoadLoraBody, engine: Engine = Depends(get_engine),
+                            settings: Settings = Depends(get_settings)) -> AdapterInfo:
+    return adapter_info(engine, await add_from_root(engine, settings, body.lora_name, body.lora_path, None))
 
 
-@router.post("/v1/unload_lora_adapter", dependencies=[Depends(auth.admin)])
-async def unload_lora_adapter(body: UnloadLoraBody, request: Request) -> dict:
-    return await delete_adapter(body.lora_name, request)
+@router.post("/v1/unload_lora_adapter", response_model=AdapterDeleted, dependencies=[Depends(auth.admin)])
+async def unload_lora_adapter(body: UnloadLoraBody, engine: Engine = Depends(get_engine)) -> AdapterDeleted:
+    return await delete_adapter(body.lora_name, engine)

@@ -18,10 +18,12 @@ from adapter_runtime.errors import InvalidRequest, ModelLoadError
 from adapter_runtime.tokenizer import render_chat
 
 from . import auth, limits
-from .routes import (best_choices, check_fields, choices_per_prompt, finish, get_engine, include_usage, json_logprob,
-                     sampling_params, sse, submit_choices, usage_of, wait_all)
+from .deps import get_engine, get_settings
+from .routes import (best_choices, check_fields, choices_per_prompt, finish, include_usage, json_logprob, sampling_params,
+                     sse, submit_choices, usage_of, wait_all)
 from .schemas import (REFUSED_CHAT, ChatChoice, ChatCompletionRequest, ChatLogprobs, ChatMessage, ChatMessageOut,
                       ChatCompletionResponse, ChatTemplateFields, ChatTokenLogprob, TopLogprob)
+from .settings import Settings
 
 router = APIRouter()
 
@@ -67,29 +69,29 @@ def template_messages(messages: Sequence[ChatMessage]) -> list[dict]:
     return out
 
 
-async def chat_prompt_ids(request: Request, engine: Engine, body: ChatTemplateFields,
+async def chat_prompt_ids(request: Request, engine: Engine, settings: Settings, body: ChatTemplateFields,
                           add_special_tokens: bool) -> list[int]:
     """The prompt token ids of chat messages, refused by size before rendering (the messages'
     text counts against the prompt character limit), rendered off the event loop."""
     template = chat_template(request)
     messages = template_messages(body.messages)
-    limits.check_texts(request.app.state.settings, engine.max_seq_len, ["".join(m["content"] for m in messages)])
+    limits.check_texts(settings, engine.max_seq_len, ["".join(m["content"] for m in messages)])
     return await asyncio.to_thread(render_chat, engine.tokenizer, messages, template, body.add_generation_prompt,
                                    body.continue_final_message, add_special_tokens, body.chat_template_kwargs)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=[Depends(auth.inference)])
-async def chat_completions(body: ChatCompletionRequest, request: Request):
-    engine = get_engine(request)
+async def chat_completions(body: ChatCompletionRequest, request: Request, engine: Engine = Depends(get_engine),
+                           settings: Settings = Depends(get_settings)):
     check_fields(body, REFUSED_CHAT)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    ids = await chat_prompt_ids(request, engine, body, body.add_special_tokens)
+    ids = await chat_prompt_ids(request, engine, settings, body, body.add_special_tokens)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-    limits.check_request(request.app.state.settings, [ids], max_tokens, adapter_names(body.adapters),
-                         body.stop_token_ids, engine.info.vocab_size)
+    limits.check_request(settings, [ids], max_tokens, adapter_names(body.adapters), body.stop_token_ids,
+                         engine.info.vocab_size)
     params = sampling_params(body, max_tokens or 0, (body.top_logprobs or 0) if body.logprobs else None)
-    handles = await submit_choices(request, engine, body, [ids], params, open_ended=max_tokens is None)
+    handles = await submit_choices(request, engine, settings, body, [ids], params, open_ended=max_tokens is None)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
     if body.stream:
         opening = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}

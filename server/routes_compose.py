@@ -6,17 +6,18 @@ from __future__ import annotations
 import asyncio
 import shutil
 import uuid
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapter_runtime import average
+from adapter_runtime.engine import Engine
 from adapter_runtime.errors import AdapterConflict, InvalidRequest
 from adapter_runtime.store import check_name
 
 from . import auth
-from .routes import get_engine
-from .routes_adapters import adapter_info, store_of
+from .deps import get_engine
+from .routes_adapters import AdapterInfo, adapter_info, created, store_of
 
 router = APIRouter()
 
@@ -31,18 +32,17 @@ class AverageBody(BaseModel):
     svd_rank: int | None = Field(None, description="rank of the new LoRA, for lora_delta_w_svd")
 
 
-@router.post("/v1/adapters/average", status_code=201, dependencies=[Depends(auth.admin)])
-async def average_adapters(body: AverageBody, request: Request):
+@router.post("/v1/adapters/average", status_code=201, response_model=AdapterInfo, dependencies=[Depends(auth.admin)])
+async def average_adapters(body: AverageBody, engine: Engine = Depends(get_engine)):
     """A new stored adapter whose weights are the weighted average of `adapters`, as the
     `adapters` library's `average_adapter(name, adapters, weights, combine_strategy,
     normalize_weights, svd_rank)` computes it -> 201 with the new adapter."""
-    engine = get_engine(request)
     store = store_of(engine)
     check_name(body.name)
     if body.name in engine.registry.models():
         raise AdapterConflict(f"an adapter named {body.name!r} already exists")
     status = await asyncio.to_thread(create_average, engine, store, body)
-    return JSONResponse(adapter_info(engine, status), status_code=201)
+    return created(adapter_info(engine, status))
 
 
 def create_average(engine, store, body: AverageBody):

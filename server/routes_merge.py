@@ -5,12 +5,14 @@ outputs (see adapter_runtime/merge.py)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from adapter_runtime.engine import Engine
+
 from . import auth
-from .routes import get_engine
+from .deps import get_engine
 
 router = APIRouter()
 
@@ -24,18 +26,16 @@ class MergeState(BaseModel):
 
 
 @router.get("/v1/merge", response_model=MergeState, dependencies=[Depends(auth.inference)])
-async def merge_state(request: Request) -> MergeState:
-    return MergeState(merged=get_engine(request).merged_name)
+async def merge_state(engine: Engine = Depends(get_engine)) -> MergeState:
+    return MergeState(merged=engine.merged_name)
 
 
 @router.post("/v1/merge", response_model=MergeState, dependencies=[Depends(auth.admin)])
-async def merge(body: MergeRequest, request: Request) -> MergeState:
-    engine = get_engine(request)
+async def merge(body: MergeRequest, engine: Engine = Depends(get_engine)) -> MergeState:
     return MergeState(merged=await run_in_threadpool(engine.merge, body.adapter))
 
 
 @router.post("/v1/merge/reset", response_model=MergeState, dependencies=[Depends(auth.admin)])
-async def reset(request: Request) -> MergeState:
-    engine = get_engine(request)
+async def reset(engine: Engine = Depends(get_engine)) -> MergeState:
     await run_in_threadpool(engine.reset)
     return MergeState(merged=None)

@@ -7,12 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..tokenizer import build_byte_tokenizer, load_tokenizer
 from .common import KVCache, ModelInfo
 from .gpt2 import GPT2LMHeadModel
-from .llama import LLAMA_TYPES, LlamaForCausalLM
+from .llama import LLAMA_TYPES, LlamaForCausalLM, Rotary
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -40,8 +42,6 @@ def model_class(config) -> type[nn.Module]:
 def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint: model.safetensors, a sharded safetensors index, or a
     pytorch_model.bin read with weights_only=True (never an unrestricted unpickle)."""
-    from safetensors.torch import load_file
-
     if (model_dir / "model.safetensors").exists():
         return load_file(model_dir / "model.safetensors")
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
@@ -73,17 +73,23 @@ def build_model(config, state: dict[str, torch.Tensor], dtype: torch.dtype, devi
     if missing or unexpected:
         raise ModelLoadError(f"checkpoint does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
-        model.lm_head.weight = (model.transformer.wte if cls is GPT2LMHeadModel else model.model.embed_tokens).weight
-    # buffers created on meta (rotary inv_freq) are recomputed on the real device
-    if cls is LlamaForCausalLM:
-        from .llama import Rotary
-
+        model.lm_head.weight = input_embeddings(model).weight
+    if cls is LlamaForCausalLM:  # a buffer created on meta is recomputed for real, kept in fp32 under any dtype
         model.model.rotary = Rotary(config)
     model = model.to(device=device, dtype=dtype).eval()
     if cls is LlamaForCausalLM:
         model.model.rotary.inv_freq = model.model.rotary.inv_freq.float()
     model.requires_grad_(False)
     return model
+
+
+def input_embeddings(model: nn.Module) -> nn.Embedding:
+    return model.transformer.wte if isinstance(model, GPT2LMHeadModel) else model.model.embed_tokens
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's transformer blocks in order (each family names them its own way)."""
+    return model.transformer.h if isinstance(model, GPT2LMHeadModel) else model.model.layers
 
 
 def load_model(model_dir: str | Path | None, dtype: str | torch.dtype = "float32", device: str = "cpu") -> LoadedModel:
@@ -93,9 +99,7 @@ def load_model(model_dir: str | Path | None, dtype: str | torch.dtype = "float32
     device = torch.device(device)
     if model_dir is None:
         return default_model(dtype, device)
-    from transformers import AutoConfig
-
-    from ..tokenizer import load_tokenizer
+    from transformers import AutoConfig  # transformers loads slowly: only where a checkpoint is read
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -116,7 +120,7 @@ def default_model_config():
     `demo/train_base.py` on Python's own documentation. Ids 0-255 are bytes, 256 is
     end-of-text; 257-263 are reserved for special tokens (untrained). Trained on windows of up
     to 512 bytes; positions up to 2048 are accepted (RoPE), with text degrading past 512."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # as in load_model
 
     return LlamaConfig(
         vocab_size=264, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
@@ -127,10 +131,6 @@ def default_model_config():
 
 def default_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     """The embedded model from its committed weights (fp16 on disk, cast to `dtype`)."""
-    from safetensors.torch import load_file
-
-    from ..tokenizer import build_byte_tokenizer
-
     if not DEFAULT_WEIGHTS.exists():
         raise ModelLoadError(f"the embedded model's weights are missing ({DEFAULT_WEIGHTS}); "
                              "reinstall the package or run `python -m demo.train_base`")
@@ -138,5 +138,5 @@ def default_model(dtype: torch.dtype, device: torch.device) -> LoadedModel:
     return LoadedModel(model, build_byte_tokenizer(), model.info, DEFAULT_MODEL_NAME, (256,))
 
 
-__all__ = ["KVCache", "LoadedModel", "ModelInfo", "load_model", "model_class", "build_model", "DEFAULT_MODEL_NAME",
-           "DEFAULT_WEIGHTS", "default_model_config"]
+__all__ = ["KVCache", "LoadedModel", "ModelInfo", "load_model", "model_class", "build_model", "decoder_layers",
+           "input_embeddings", "DEFAULT_MODEL_NAME", "DEFAULT_WEIGHTS", "default_model_config"]

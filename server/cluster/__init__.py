@@ -19,9 +19,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from dataclasses import replace
-
+from ..app import create_app, engine_state
+from ..metrics import Metrics
 from ..settings import Settings
+from .metrics import ReplicaMetrics
 
 log = logging.getLogger(__name__)
 
@@ -60,17 +61,15 @@ class Ingress:
     """The ingress deployment: the app of server/app.py, its engine a `RemoteEngine`."""
 
     async def __init__(self, engine, settings: Settings):
-        from .remote import RemoteEngine
+        from .remote import RemoteEngine  # Ray's (routing.py): imported where Ray runs
 
         self.settings = settings
-        self.engine = await RemoteEngine.connect(engine, settings)
+        self.metrics = Metrics(lambda: engine_state(self.engine))
+        self.engine = await RemoteEngine.connect(engine, settings, self.metrics.engine_hooks())
 
     def __serve_build_asgi_app__(self):
-        from ..app import create_app
-        from .metrics import ReplicaMetrics
-
-        app = create_app(self.settings, engine=self.engine)
-        app.state.metrics.registry.register(ReplicaMetrics(self.engine))
+        app = create_app(self.settings, engine=self.engine, metrics=self.metrics)
+        self.metrics.registry.register(ReplicaMetrics(self.engine))
         return app
 
 
@@ -148,7 +147,3 @@ def run(settings: Settings) -> int:
         serve.shutdown()
         ray.shutdown()
     return 0
-
-
-def with_routing(settings: Settings, routing: str) -> Settings:
-    return replace(settings, routing=routing)

@@ -87,7 +87,7 @@ class IngressStore(AdapterStore):
 
 
 class RemoteEngine:
-    def __init__(self, handle, description: Description, settings):
+    def __init__(self, handle, description: Description, settings, hooks: EngineHooks = EngineHooks()):
         self._handle = handle
         self.settings = settings
         self.model_name = description.model_name
@@ -96,7 +96,7 @@ class RemoteEngine:
         self.max_seq_len = description.max_seq_len
         self.config = description.config
         self.device = "ray-serve replicas"
-        self.hooks = EngineHooks()
+        self.hooks = hooks  # the ingress' metrics (time to first token, tokens per request)
         self.registry = RemoteRegistry(self, IngressStore(settings.store_dir, description.info))
         self._merged = description.merged
         self._merge_version = 0  # replicas apply a merge state only if newer than theirs
@@ -107,10 +107,10 @@ class RemoteEngine:
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="cluster-call")
 
     @classmethod
-    async def connect(cls, handle, settings) -> "RemoteEngine":
+    async def connect(cls, handle, settings, hooks: EngineHooks = EngineHooks()) -> "RemoteEngine":
         """Wait for a replica (Ray Serve queues the call until one is up) and describe the engine."""
         description = await handle.options(method_name="describe").remote()
-        return cls(handle, description, settings)
+        return cls(handle, description, settings, hooks)
 
     # ------------------------------------------------------------------ lifecycle (as Engine's)
     def start(self) -> "RemoteEngine":
@@ -251,7 +251,6 @@ class RemoteRegistry:
         self._engine = engine
         self.store = store
         self.base_name = engine.model_name
-        self.observer = None  # set by the ingress' metrics; lookups happen on the replicas
 
     def key(self, model: str, stack=None) -> str:
         if self._engine.settings.routing == "random":

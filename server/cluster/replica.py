@@ -19,6 +19,8 @@ from adapter_runtime.engine import Event, Request
 from adapter_runtime.errors import AdapterRuntimeError
 from adapter_runtime.sampling import SamplingParams
 
+from ..app import build_engine
+from ..metrics import Metrics
 from ..settings import Settings
 
 log = logging.getLogger(__name__)
@@ -74,15 +76,11 @@ class EngineReplica:
     def __init__(self, settings: Settings):
         from ray import serve
 
-        from ..app import build_engine
-        from ..metrics import Metrics
-
         self.settings = settings
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.engine = build_engine(settings)
-        self.engine.registry.shared = True  # the other replicas write the same store
         self.metrics = Metrics(lambda: {**self.engine.stats(), "skipped": len(self.engine.registry.store.skipped)})
-        self.metrics.attach(self.engine)
+        self.engine = build_engine(settings, self.metrics.engine_hooks(), self.metrics.cache_event)
+        self.engine.registry.shared = True  # the other replicas write the same store
         self.engine.start()
         self._reserved: dict[str, tuple[tuple, float]] = {}  # token -> (setup, deadline)
         self._merge_version = -1  # of the last merge state applied (see `sync`)

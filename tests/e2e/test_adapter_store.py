@@ -305,14 +305,16 @@ def test_pinned_adapters_are_never_evicted_and_the_device_tier_may_overflow(orac
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["a0", "a2", "a3"]
 
 
-def test_without_keys_the_server_binds_to_localhost_and_says_so(caplog):
+def test_without_keys_the_server_binds_to_localhost_and_says_so(caplog, monkeypatch):
     from server.auth import bind_host
     from server.settings import Settings
 
     assert bind_host(Settings(host="0.0.0.0")).host == "127.0.0.1"
     assert "binds to 127.0.0.1 only" in caplog.text
     assert bind_host(Settings(host="0.0.0.0", admin_key="k")).host == "0.0.0.0"
-    s = Settings.from_env({"ADAPTER_SERVER_MAX_UPLOAD_BYTES": "5", "ADAPTER_SERVER_ADMIN_KEY": "x"})
+    monkeypatch.setenv("ADAPTER_SERVER_MAX_UPLOAD_BYTES", "5")
+    monkeypatch.setenv("ADAPTER_SERVER_ADMIN_KEY", "x")
+    s = Settings.from_env()
     assert (s.max_upload_bytes, s.admin_key, s.device_cache_adapters, s.max_lora_rank) == (5, "x", 16, 256)
 
 

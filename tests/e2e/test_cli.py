@@ -15,24 +15,17 @@ import httpx
 
 from clients import ConnectionFailed, ServerError, TooLarge
 from clients.cli import exit_code
-from tests.support.live import ROOT, free_port, stop_server
-from tests.support.oracles import greedy_ids
-from tests.support.served import (ADMIN_KEY, MAX_UPLOAD, PROMPT, USER_KEY, base_hf, make_peft_lora, peft_greedy,
-                                  serve_keyed)
-from tests.support.tiny import decode
+from tests.support.live import ROOT, free_port
+from tests.support.served import ADMIN_KEY, MAX_UPLOAD, USER_KEY
 
 README = ROOT / "README.md"
 HELLO = "Hello"  # the CLI sends text; the byte tokenizer makes it PROMPT's ids
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture
+def live(keyed_server):
     """(url, work dir holding ./my-lora, expected base text, expected LoRA text)."""
-    tmp = tmp_path_factory.mktemp("cli")
-    proc, url = serve_keyed(tmp)
-    lora = make_peft_lora(tmp / "my-lora")
-    yield url, tmp, decode(greedy_ids(base_hf(), PROMPT, 8)), decode(peft_greedy(lora, PROMPT, 8))
-    stop_server(proc)
+    return keyed_server
 
 
 def cli(live, *args: str, key: str | None = ADMIN_KEY) -> subprocess.CompletedProcess:

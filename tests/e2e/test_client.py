@@ -13,25 +13,19 @@ from safetensors.torch import load_file
 
 from clients import (AdapterServerClient, AsyncAdapterServerClient, AuthError, BadRequest, Conflict, ConnectionFailed,
                      NotFound, pack_directory)
-from tests.support.live import free_port, stop_server
+from tests.support.live import free_port
 from tests.support.oracles import greedy_ids
-from tests.support.served import ADMIN_KEY, PROMPT, USER_KEY, base_hf, make_peft_lora, peft_greedy, serve_keyed
+from tests.support.served import ADMIN_KEY, PROMPT, USER_KEY, base_hf
 from tests.support.tiny import decode
 
 GREEDY = {"max_tokens": 8, "temperature": 0, "ignore_eos": True}
 
 
-@pytest.fixture(scope="module")
-def live(tmp_path_factory):
+@pytest.fixture
+def live(keyed_server):
     """(server url, LoRA directory, expected base text, expected LoRA text)."""
-    tmp = tmp_path_factory.mktemp("client")
-    proc, url = serve_keyed(tmp)
-    lora = make_peft_lora(tmp / "my-lora")
-    expect_base = decode(greedy_ids(base_hf(), PROMPT, 8))
-    expect_lora = decode(peft_greedy(lora, PROMPT, 8))
-    assert expect_base != expect_lora  # otherwise the adapter tests prove nothing
-    yield url, lora, expect_base, expect_lora
-    stop_server(proc)
+    url, tmp, expect_base, expect_lora = keyed_server
+    return url, tmp / "my-lora", expect_base, expect_lora
 
 
 @pytest.fixture

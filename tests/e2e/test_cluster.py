@@ -330,7 +330,7 @@ def redeploy(cluster, routing: str) -> None:
     from server.settings import Settings
 
     old = {s.replica for s in cluster.each_replica("snapshot")}
-    settings = Settings.from_env({}, **cluster.flags, routing=routing)
+    settings = Settings.from_env(**cluster.flags, routing=routing)
     serve.run(scale.build(settings), name=APP, route_prefix="/")
     cluster.wait(lambda h: len(h["replicas"]) == 2 and not old & {r["replica"] for r in h["replicas"]}, "new replicas")
 
@@ -351,7 +351,6 @@ def test_the_serve_config_file_builds_the_application():
     """docker/ray-serve.yaml: `serve run` imports app_builder with these args; its deployment
     names and settings must exist (no Ray instance needed to build the application)."""
     import yaml
-    from dataclasses import fields
 
     from ray.serve import Application
 
@@ -362,10 +361,10 @@ def test_the_serve_config_file_builds_the_application():
     app = config["applications"][0]
     module, _, attr = app["import_path"].partition(":")
     assert (module, attr) == ("server.cluster", "app_builder")
-    assert set(app["args"]) <= {f.name for f in fields(Settings)}
+    assert set(app["args"]) <= set(Settings.model_fields)
     assert {d["name"] for d in app["deployments"]} == {"EngineReplica", "Ingress"}
     for name in app["runtime_env"]["env_vars"]:
-        assert name.startswith("ADAPTER_SERVER_") and name[len("ADAPTER_SERVER_"):].lower() in {f.name for f in fields(Settings)}
+        assert name.startswith("ADAPTER_SERVER_") and name[len("ADAPTER_SERVER_"):].lower() in Settings.model_fields
     assert isinstance(cluster.app_builder(app["args"]), Application)
 
 

@@ -5,7 +5,7 @@
 - each one's output equals what its own library (PEFT or AdapterHub `adapters`) computes from
   the shipped files;
 - the base model writes language (most of its words are English words of the corpus);
-- the README's quick start runs as written.
+- the README's quick start and API examples run as written.
 """
 
 from __future__ import annotations
@@ -140,3 +140,19 @@ def test_readme_quick_start_runs_as_written(url):
     assert all(lines[d["name"]] != lines[DEFAULT_MODEL_NAME] for d in DEMOS if not d["stack"])
     assert STYLES["shout"].measure(lines["lora-shout"]) >= 0.8
     assert "madx-abjad+madx-snake" in outputs[1]
+
+
+def test_readme_api_examples(url):
+    """The README's curl and Python examples, as written, against the embedded model (what `make
+    serve` runs; this server has the demo adapters too, which the examples do not use)."""
+    blocks = [(m[1], m[2]) for m in re.finditer(r"^```(\w+)\n(.*?)^```", readme_section("api"), re.S | re.M)]
+    assert [lang for lang, _ in blocks] == ["bash", "python"]
+    for lang, code in blocks:
+        code = code.replace("http://127.0.0.1:8000", url)
+        cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, f"{lang} example failed:\n{r.stdout}\n{r.stderr}"
+        if lang == "bash":
+            assert '"object":"text_completion"' in r.stdout.replace(" ", "")
+        else:
+            assert r.stdout.strip()

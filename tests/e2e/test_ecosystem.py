@@ -1,11 +1,12 @@
-"""The ecosystem tools users point at the server, run as their users run them (slow: `make
-test-ecosystem`, not part of `make test`). lm-evaluation-harness 0.4.13's local-completions
+"""The ecosystem tools users point at the server, run as their users run them (the `ecosystem`
+extra, which `make test` installs; skipped without it except in CI). lm-evaluation-harness 0.4.13's local-completions
 with NO tokenizer arguments: it detects the server's tokenizer endpoints (its "remote"
 backend) instead of looking for a hub tokenizer; per-item loglikelihoods and generations
 equal transformers (base) and PEFT (an adapter)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +22,14 @@ from tests.support.oracles import greedy_ids
 from tests.support.tiny import EOS, decode
 
 pytestmark = pytest.mark.ecosystem
+
+
+@pytest.fixture(autouse=True)
+def lm_eval_installed():
+    if importlib.util.find_spec("lm_eval") is None:
+        if os.environ.get("CI"):
+            pytest.fail("lm-eval is missing: `make test` installs the ecosystem extra")
+        pytest.skip("needs lm-eval (pip install -e '.[ecosystem]'; `make test` installs it)")
 
 TASKS = {
     "tiny_mc": """\

@@ -522,23 +522,11 @@ def test_hostile_adapter_uploads_get_a_clear_4xx(live, world, case, status, word
         assert data["name"] not in live.names()
 
 
-def raw(body: bytes) -> dict:
-    return {"content": body, "headers": {"content-type": "application/json"}}
-
-
-HOSTILE_REQUESTS = {
+HOSTILE_REQUESTS = {  # those that need a real engine or store (the rest: tests/server/test_errors.py)
     # case: (path, request keywords, status, words in the message)
     "register a path with NUL": ("/v1/adapters/register", {"json": {"name": "nul", "path": "a\u0000x"}}, 400, "NUL"),
-    "prompt with a lone surrogate": ("/v1/completions", raw(b'{"model": "tiny-llama", "prompt": "\\ud800"}'), 400,
-                                     "surrogate"),
     "temperature 1e-45": ("/v1/completions", {"json": {"model": BASE, "prompt": PROMPT, "max_tokens": 4,
                                                        "temperature": 1e-45, "seed": 1}}, 200, ""),
-    "stop_token_ids negative": ("/v1/completions", {"json": {"model": BASE, "prompt": PROMPT, "stop_token_ids": [-1]}},
-                                400, "stop_token_ids"),
-    "stop_token_ids past the vocabulary": ("/v1/completions", {"json": {"model": BASE, "prompt": PROMPT,
-                                                                        "stop_token_ids": [300]}}, 400, "stop_token_ids"),
-    "invalid JSON": ("/v1/completions", raw(b'{"model": x}'), 400, "not valid JSON"),
-    "NaN temperature": ("/v1/completions", raw(b'{"model": "tiny-llama", "prompt": [1], "temperature": NaN}'), 422, ""),
 }
 
 
@@ -548,12 +536,7 @@ def test_hostile_requests_get_a_clear_4xx(live, case):
     r = live.admin.post(path, **kwargs)
     assert r.status_code == status and words in r.text, (case, r.status_code, r.text[:500])
     if status >= 400:
-        assert r.json()["error"]["param"] in (None, "temperature"), r.text  # never a character offset
-
-
-def test_an_unknown_model_is_not_echoed_back_whole(live):
-    r = live.user.post("/v1/completions", json={"model": "m" * 1_000_000, "prompt": PROMPT})
-    assert r.status_code == 404 and len(r.content) < 4000, len(r.content)
+        assert r.json()["error"]["param"] is None, r.text  # never a character offset
 
 
 def test_unexpected_errors_leave_their_details_in_the_log_only():
@@ -623,15 +606,6 @@ def test_uploads_are_refused_before_or_while_the_body_streams(live, world):
 # ----------------------------------------------------------------------------- keys
 
 
-def test_metrics_need_a_key_when_keys_are_configured(live):
-    assert httpx.get(live.url + "/metrics").status_code == 401
-    assert httpx.get(live.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    for key in (METRICS, INFER, ADMIN):
-        r = httpx.get(live.url + "/metrics", headers={"Authorization": f"Bearer {key}"})
-        assert r.status_code == 200 and "adapter_server_http_requests_total" in r.text
-    assert httpx.get(live.url + "/health").status_code == 200  # health stays open for probes
-
-
 def test_the_server_logs_which_keys_it_has_but_never_the_keys(live):
     log = live.server.log()
     assert "inference key configured, admin key configured, metrics key configured" in log
@@ -658,7 +632,4 @@ def test_client_environment_is_its_own(monkeypatch):
     monkeypatch.setenv("ADAPTER_SERVER_API_KEY", "old")
     with pytest.warns(DeprecationWarning, match="ADAPTER_CLIENT_API_KEY"):
         AdapterServerClient("http://server").close()
-    from server.settings import Settings
-
-    assert Settings.from_env({"ADAPTER_CLIENT_ADMIN_KEY": "admin"}).api_key is None  # the server ignores it
     assert os.environ["ADAPTER_CLIENT_ADMIN_KEY"] == "admin"

@@ -2,7 +2,7 @@
 against a real `python -m server serve` process: chat completions (checked against
 transformers and PEFT on the same templated token ids), n and best_of, penalties over HTTP,
 models.retrieve, /tokenize, /detokenize, /tokenizer_info, /version and the refused fields.
-(lm-evaluation-harness against the same server: tests/e2e/test_ecosystem.py, `make test-ecosystem`.)"""
+(lm-evaluation-harness against the same server: tests/e2e/test_ecosystem.py.)"""
 
 from __future__ import annotations
 

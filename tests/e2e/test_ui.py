@@ -4,7 +4,7 @@ once the key is entered, keeps the key in sessionStorage and out of every URL, u
 dropped adapter, streams the playground's three columns, and merges and resets.
 
 Skipped where Chromium or Playwright is missing, except in CI (`CI` set), where that fails:
-`.ci/run` installs Chromium. `make test-ui` runs only this file.
+`make test` installs Chromium (.ci/chromium). `make test-ui` runs only this file.
 """
 
 from __future__ import annotations

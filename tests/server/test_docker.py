@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shlex
 import tomllib
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from server.settings import ENV_PREFIX, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "docker"
-SETTING_ENV = {ENV_PREFIX + f.name.upper() for f in fields(Settings)}
+SETTING_ENV = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:

@@ -22,5 +22,5 @@ def require_browser():
         missing.append("chromium (apt-get install chromium)")
     if missing:
         if os.environ.get("CI"):
-            pytest.fail(f"browser tests need {', '.join(missing)}; .ci/run installs them")
+            pytest.fail(f"browser tests need {', '.join(missing)}; `make test` installs them (.ci/chromium)")
         pytest.skip(f"needs {', '.join(missing)}")
