@@ -1,6 +1,6 @@
 """Issue 13: decode throughput of composition blocks at batch 32, against the base model.
 
-The benchmark Llama (benchmarks/common.py), four AdapterHub bottleneck adapters and an
+The benchmark Llama with the small vocabulary (benchmarks/common.py, as in peers.py), four AdapterHub bottleneck adapters and an
 AdapterFusion of three of them, made and randomized with the `adapters` library and read back
 from its files. Scenarios, 32 engine rows each, 32-token prompts, greedy, fixed max_tokens:
 
@@ -11,8 +11,10 @@ from its files. Scenarios, 32 engine rows each, 32-token prompts, greedy, fixed 
                             adapter is a plain row, so this runs on the banked path
   Average of 2              {"average": ["a", "b"]} on every row (side path)
 
-Decode tok/s is measured inside decode-only steps; ratios are to the base model in the same
-run, best of `reps` interleaved repetitions (this machine's noise is +-15-25 % between runs).
+Decode tok/s as peers.py measures it (compiled static step, timed after the compiles the
+workload queued; (n - 1) tokens per row over the time of n tokens minus the time of one);
+ratios are to the base model in the same run (this machine's noise is +-15-25 % between runs;
+the whole table is repeated `rounds` times and each round's ratios are printed).
 `python -m benchmarks.compose [--quick]`.
 """
 
@@ -24,7 +26,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from .common import header, hf_base, make_engine, ours_from, prompts, randomize, run_engine, table
+from .common import SMALL_VOCAB, header, hf_base, make_engine, ours_from, prompts, randomize, table
+from .peers import ours_rate
 
 NAME = "compose"
 
@@ -55,7 +58,7 @@ def run(quick: bool = False) -> str:
     from adapter_runtime.composition import request_rows
     from adapter_runtime.formats import load_adapter
 
-    base = hf_base()
+    base = hf_base(SMALL_VOCAB)
     loaded = ours_from(base)
     engine = make_engine(loaded, max_batch=32, compile=True)
     tmp = tempfile.TemporaryDirectory(prefix="bench-compose-")
@@ -76,17 +79,19 @@ def run(quick: bool = False) -> str:
                                           rows({"parallel": ["a", "b", "c", "d"]}, 8)),
             "Average of 2, all 32 rows": (batch32, rows({"average": ["a", "b"]}, 1) * 32),
         }
-        max_tokens, reps = (16, 1) if quick else (48, 3)
-        for batch, setups in scenarios.values():  # warm up every path
-            run_engine(engine, batch, 4, setups)
-        results = {k: [] for k in scenarios}
-        for _ in range(reps):  # interleaved
+        max_tokens, rounds = (16, 1) if quick else (64, 2)
+        measured = {k: [] for k in scenarios}
+        for _ in range(rounds):
             for k, (batch, setups) in scenarios.items():
-                results[k].append(run_engine(engine, batch, max_tokens, setups).decode_tok_s)
-        base_best = max(results["base (no adapter)"])
-        table_rows = [[k, max(v), min(v), max(v) / base_best] for k, v in results.items()]
-        return table(f"Compositions at batch 32 ({max_tokens} new tokens, best/worst of {reps})",
-                     ["scenario", "decode tok/s (best)", "(worst)", "x base (best)"], table_rows)
+                measured[k].append(ours_rate(engine, batch, max_tokens, setups, reps=1 if quick else 3))
+        base_runs = [r for r, _ in measured["base (no adapter)"]]
+        table_rows = []
+        for k, runs in measured.items():
+            ratios = " / ".join(f"{r / b:.2f}x" for (r, _), b in zip(runs, base_runs))
+            table_rows.append([k, " / ".join(f"{r:,.0f}" for r, _ in runs), " / ".join(s for _, s in runs), ratios])
+        return table(f"Issue 13: compositions at batch 32, vocab {SMALL_VOCAB}, {max_tokens} new tokens "
+                     f"({rounds} rounds, each best of 3)",
+                     ["scenario", "decode tok/s per round", "steps compiled/eager", "x base per round"], table_rows)
     finally:
         engine.stop()
         tmp.cleanup()
