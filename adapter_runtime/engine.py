@@ -108,6 +108,15 @@ def check_request(prompt_ids: Sequence[int], p: SamplingParams, vocab_size: int,
                              f"length {max_seq_len}; shorten the prompt or lower max_tokens")
 
 
+def shares_prefill(requests: Sequence[Request]) -> bool:
+    """Whether these requests may share one prefill: one prompt, the very same adapter objects,
+    and nothing that reads the prompt's own logits (echo) or stops before a first token."""
+    first = requests[0]
+    return all(r.prompt_ids == first.prompt_ids and len(r.setup) == len(first.setup)
+               and all(a is b for a, b in zip(r.setup, first.setup))
+               and not r.params.echo and r.params.max_tokens > 0 for r in requests)
+
+
 def collect(events: Sequence[Event], with_logprobs: bool) -> Completion:
     """Fold a finished request's events into one `Completion`; raise its error, if any."""
     for e in events:
@@ -320,6 +329,31 @@ class Engine:
         """Validate and queue a request. Raises InvalidRequest (400), CapacityExceeded (429)
         when the waiting queue is full, EngineUnavailable (503) when stopping. `on_done` runs
         once when the request ends (finished, failed or cancelled), not if submit raises."""
+        return self.submit_group([request], [on_done])[0]
+
+    def submit_group(self, requests: Sequence[Request],
+                     on_done: Sequence[Callable[[], None] | None] | None = None) -> list[RequestHandle]:
+        """Queue several requests at once, all or none (as `submit`). When they are choices of
+        one prompt (n / best_of: the same prompt ids and the same adapter objects), the first
+        prefills the prompt and each other one, once it holds a KV slot, takes a copy of those
+        KV entries and samples its first token from the same logits with its own sampling
+        state, instead of prefilling the prompt again."""
+        on_done = list(on_done) if on_done is not None else [None] * len(requests)
+        prepared = [self._prepare(r, d) for r, d in zip(requests, on_done)]
+        seqs = [seq for _, seq in prepared]
+        if len(seqs) > 1 and shares_prefill([h.request for h, _ in prepared]) and not any(s.whole_prompt for s in seqs):
+            leader = seqs[0]
+            leader.followers = seqs[1:]
+            for follower in seqs[1:]:
+                follower.leader = leader
+        with self._cond:
+            if self._stopping or self._drain_deadline is not None:
+                raise EngineUnavailable("the server is shutting down")
+            self.scheduler.enqueue(*seqs)
+            self._cond.notify_all()
+        return [handle for handle, _ in prepared]
+
+    def _prepare(self, request: Request, on_done: Callable[[], None] | None) -> tuple[RequestHandle, Seq]:
         self.validate(request)
         if not request.request_id:
             request = replace(request, request_id=f"req-{next(self._ids)}")
@@ -330,12 +364,7 @@ class Engine:
             any(b.gate is not None for a in request.setup for b in a.bottleneck.values())
         seq = Seq(handle, lay.virtual_tokens + len(request.prompt_ids),
                   whole_prompt=gated or lay.recompute > 0 or (p.echo and p.logprobs is not None))
-        with self._cond:
-            if self._stopping or self._drain_deadline is not None:
-                raise EngineUnavailable("the server is shutting down")
-            self.scheduler.enqueue(seq)
-            self._cond.notify_all()
-        return handle
+        return handle, seq
 
     def validate(self, request: Request) -> None:
         check_reft_prompt(request.setup, len(request.prompt_ids))
@@ -428,6 +457,12 @@ class Engine:
                 self._fail(state, e)
                 continue
             takers.append((state, m - 1))
+            for follower in self.scheduler.release_followers(chunk.seq):  # the other choices of this prompt
+                copy = self._active.get(id(follower))
+                if copy is None:
+                    continue
+                self.cache.copy_slot(chunk.seq.slot, follower.slot, state.row.layout.prefix_len + chunk.seq.prompt_len)
+                takers.append((copy, m - 1))
         if not takers:
             return
         index = [i for _, i in takers]

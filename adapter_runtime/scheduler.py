@@ -29,6 +29,10 @@ class Sequence:
     slot: int = -1
     computed: int = 0  # tokens already in the cache (prefix entries not counted)
     finished: bool = False
+    # choices of one prompt (n / best_of): a follower prefills nothing while its leader's prompt
+    # runs; then, if it holds a slot, the engine copies the leader's KV entries into it
+    leader: "Sequence | None" = None
+    followers: list["Sequence"] = field(default_factory=list)
 
     @property
     def prefilling(self) -> bool:
@@ -74,17 +78,20 @@ class Scheduler:
     def free_slots(self) -> int:
         return len(self._free)
 
-    def enqueue(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_queue:
+    def enqueue(self, *seqs: Sequence) -> None:
+        """Queue all of `seqs`, or none of them when the queue has no room for all."""
+        if len(self.waiting) + len(seqs) > self.max_queue:
             raise CapacityExceeded(
                 f"the request queue is full ({self.max_queue} waiting, {self.num_slots} running); retry later")
-        self.waiting.append(seq)
+        self.waiting.extend(seqs)
 
     def drop_waiting(self, predicate: Callable[[Sequence], bool]) -> list[Sequence]:
         """Remove and return the waiting sequences for which predicate holds."""
         dropped = [s for s in self.waiting if predicate(s)]
         if dropped:
             self.waiting = deque(s for s in self.waiting if not predicate(s))
+            for seq in dropped:
+                self.release_followers(seq)
         return dropped
 
     def take_waiting(self) -> list[Sequence]:
@@ -102,7 +109,7 @@ class Scheduler:
         budget = max(self.token_budget - len(decode), MIN_CHUNK)
         prefill = []
         for seq in self.running:
-            if not seq.prefilling or budget <= 0:
+            if not seq.prefilling or budget <= 0 or seq.leader is not None:
                 continue
             left = seq.prompt_len - seq.computed
             if seq.whole_prompt and left > budget and prefill:
@@ -125,6 +132,21 @@ class Scheduler:
             self.running.remove(seq)
             heapq.heappush(self._free, seq.slot)
         seq.finished = True
+        self.release_followers(seq)  # a leader that ends early: its followers prefill themselves
+
+    def release_followers(self, leader: Sequence) -> list[Sequence]:
+        """The leader's prompt is in the cache (or the leader is gone): its followers stop
+        waiting. Those that hold a slot and computed nothing yet are returned with their prompt
+        counted as computed: the caller copies the leader's KV entries into their slots. The
+        others prefill their prompt themselves when their turn comes."""
+        followers, leader.followers = leader.followers, []
+        forked = []
+        for f in followers:
+            f.leader = None
+            if not leader.finished and not f.finished and f.slot >= 0 and f.computed == 0 and f in self.running:
+                f.computed = f.prompt_len
+                forked.append(f)
+        return forked
 
     def finish_all(self) -> Iterable[Sequence]:
         for seq in list(self.running):

@@ -196,7 +196,8 @@ async def submit_choices(request: Request, engine: Engine, settings: Settings, b
                          prompts: Sequence[Sequence[int]], params: SamplingParams,
                          open_ended: bool = False) -> list[RequestHandle]:
     """One engine request per choice (best_of, else n, per prompt and per Parallel channel;
-    prompt-major, then channel order), each with its own seed (`choice_seed`). BatchSplit and
+    prompt-major, then channel order), each with its own seed (`choice_seed`); a row's choices
+    are submitted as one group, so the engine prefills their prompt once. BatchSplit and
     MultiTask give each prompt its child (composition.request_rows). `open_ended`: max_tokens
     is the rest of the context."""
     metrics = request.app.state.metrics
@@ -208,18 +209,23 @@ async def submit_choices(request: Request, engine: Engine, settings: Settings, b
     handles: list[RequestHandle] = []
     try:
         for i, ids in enumerate(prompts):
-            for j, adapters in ((j, a) for a in rows[i] for j in range(count)):
-                # each request pins its adapters until it ends (see registry.py)
-                setup = await asyncio.to_thread(engine.registry.acquire, model, adapters)
+            for adapters in rows[i]:
+                # the choices of one row go together: they share the prompt's prefill (engine.submit_group)
+                setups, group = [], []
                 try:
-                    p = replace(params, seed=choice_seed(params.seed, j))
-                    if open_ended:
-                        p = replace(p, max_tokens=context_room(engine, ids, setup, settings))
-                    request_id = rid if total == 1 else f"{rid}-{len(handles)}"
-                    handles.append(engine.submit(EngineRequest(tuple(ids), p, setup, request_id),
-                                                 on_done=lambda s=setup: (engine.registry.release(s), slots.release())))
+                    for j in range(count):
+                        # each request pins its adapters until it ends (see registry.py)
+                        setups.append(await asyncio.to_thread(engine.registry.acquire, model, adapters))
+                        p = replace(params, seed=choice_seed(params.seed, j))
+                        if open_ended:
+                            p = replace(p, max_tokens=context_room(engine, ids, setups[-1], settings))
+                        request_id = rid if total == 1 else f"{rid}-{len(handles) + j}"
+                        group.append(EngineRequest(tuple(ids), p, setups[-1], request_id))
+                    done = [lambda s=s: (engine.registry.release(s), slots.release()) for s in setups]
+                    handles.extend(engine.submit_group(group, done))
                 except BaseException:
-                    engine.registry.release(setup, served=False)
+                    for setup in setups:
+                        engine.registry.release(setup, served=False)
                     raise
     except BaseException:
         slots.release(total - len(handles))  # submitted ones give theirs back when they end

@@ -51,6 +51,12 @@ class KVCache:
     def nbytes(self) -> int:
         return 2 * sum(t.numel() * t.element_size() for t in self.keys)
 
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Cache indices 0..length-1 of slot `src` into slot `dst` (choices sharing a prompt)."""
+        for keys, values in zip(self.keys, self.values):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]
+
     def write_prefix(self, slot: int, layer: int, keys: Tensor, values: Tensor) -> None:
         """keys/values [n_kv, L, head_dim] at cache indices 0..L-1 of `slot`."""
         n = keys.shape[1]

@@ -168,6 +168,14 @@ class RemoteEngine:
         extra = setup.reservation.extra_tokens if isinstance(setup, RemoteSetup) else 0
         check_request(request.prompt_ids, request.params, self.info.vocab_size, self.max_seq_len, extra)
 
+    def submit_group(self, requests, on_done=None) -> list["RemoteHandle"]:
+        """Each choice on its own (a replica prefills each; sharing it would need one call for
+        the group), all validated before any starts."""
+        on_done = list(on_done) if on_done is not None else [None] * len(requests)
+        for request in requests:
+            self.validate(request)
+        return [self.submit(r, d) for r, d in zip(requests, on_done)]
+
     def submit(self, request: Request, on_done: Callable[[], None] | None = None) -> "RemoteHandle":
         if not self._accepting:
             raise EngineUnavailable("the server is shutting down")

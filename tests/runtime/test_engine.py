@@ -217,3 +217,49 @@ def test_detokenizer_never_splits_a_character(pair):
     d = Detokenizer(tok)
     deltas = [d.push(i) for i in ids] + [d.flush()]
     assert "".join(deltas) == text and not any("\ufffd" in s for s in deltas)
+
+
+def test_choices_of_one_prompt_share_its_prefill(pair):
+    """n / best_of: `submit_group` prefills the prompt once (prefix entries and soft-prompt
+    tokens included) and the other choices copy its KV entries; every choice still samples with
+    its own seed, gives what it gives alone, and its log-probabilities equal a full forward."""
+    _, loaded = pair
+    info = loaded.info
+    g = torch.Generator().manual_seed(11)
+    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
+    module, (n_in, n_out) = next(iter(info.linear_shapes.items()))
+    kv = lambda: {layer: rand(info.num_kv_heads, 3, info.head_dim) for layer in range(info.num_layers)}  # noqa: E731
+    adapter = Adapter("mix", "peft", "mixed", {}, linear={(1, module): LoRA(rand(4, n_in), rand(n_out, 4), 2.0)},
+                      prefix=Prefix(kv(), kv(), 3, shifts_positions=True), prompt=Prompt(rand(2, info.hidden_size)))
+    prompt = tuple(prompts([9], seed=80)[0])
+    with Engine(loaded, config=EngineConfig(max_batch=4, max_seq_len=64, compile=False)) as engine:
+        prefilled = []
+        execute = engine.runner.execute
+        engine.runner.execute = lambda plan, *a: prefilled.append(sum(c.count for c in plan.prefill)) or execute(plan, *a)
+        for setup in [(), (adapter,)]:
+            choices = [Request(prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=s, logprobs=0, ignore_eos=True),
+                               setup) for s in (1, 2, 3)]
+            prefilled.clear()
+            together = [h.result(TIMEOUT) for h in engine.submit_group(choices)]
+            assert sum(prefilled) == len(prompt) + 2 * bool(setup)  # one prompt (+ its 2 virtual tokens)
+            alone = [engine.submit(r).result(TIMEOUT) for r in choices]
+            assert [c.token_ids for c in together] == [c.token_ids for c in alone]
+            assert len({c.token_ids for c in together}) > 1  # the seeds differ, so do the choices
+            for c in together:
+                ref = torch.log_softmax(forward_sequences(loaded.model, [list(prompt) + list(c.token_ids)], [setup])[0]
+                                        .float(), -1)
+                want = ref[torch.arange(len(prompt) - 1, len(prompt) + 5), torch.tensor(c.token_ids)]
+                assert torch.allclose(torch.tensor([e.logprob for e in c.logprobs]), want, atol=1e-4)
+
+
+def test_a_group_whose_leader_is_cancelled_still_answers(pair):
+    _, loaded = pair
+    prompt = tuple(prompts([40], seed=81)[0])
+    params = [SamplingParams(max_tokens=4, temperature=1.0, seed=s, ignore_eos=True) for s in (5, 6)]
+    with Engine(loaded, config=EngineConfig(max_batch=1, max_seq_len=64, compile=False, token_budget=16)) as engine:
+        blocker = engine.submit(Request(tuple(prompts([8], seed=82)[0]), SamplingParams(max_tokens=20, ignore_eos=True)))
+        leader, follower = engine.submit_group([Request(prompt, p) for p in params])
+        leader.cancel()  # while it waits for the one slot
+        blocker.result(TIMEOUT)
+        got = follower.result(TIMEOUT).token_ids
+        assert got == engine.submit(Request(prompt, params[1])).result(TIMEOUT).token_ids

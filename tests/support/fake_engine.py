@@ -101,6 +101,10 @@ class FakeEngine:
     def reset(self) -> None:
         self.merged_name = None
 
+    def submit_group(self, requests, on_done=None) -> list[RequestHandle]:
+        on_done = list(on_done) if on_done is not None else [None] * len(requests)
+        return [self.submit(r, d) for r, d in zip(requests, on_done)]
+
     def submit(self, request: Request, on_done=None) -> RequestHandle:
         if self.failure is not None:
             error, self.failure = self.failure, None
