@@ -37,8 +37,8 @@ def servers(tmp_path_factory):
     for kind in ("gpt2", "llama"):
         root = tmp_path_factory.mktemp(f"average-{kind}")
         ckpt = save_checkpoint(hf_model(kind), root / "ckpt")
-        # compile=False: the tests also run forward_sequences on the served model, which a background
-        # compile of the same modules must not overlap
+        # compile=False: nothing here needs the compiled step; its background compile would only
+        # compete for the CPU
         app = create_app(Settings(model=str(ckpt), store_dir=str(root / "store"), max_seq_len=64, max_batch=4,
                                   compile=False))
         client = TestClient(app)
