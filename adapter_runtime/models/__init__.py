@@ -14,7 +14,7 @@ from ..errors import ModelLoadError
 from ..tokenizer import build_byte_tokenizer, load_tokenizer
 from .common import KVCache, ModelInfo
 from .gpt2 import GPT2LMHeadModel
-from .llama import LLAMA_TYPES, LlamaForCausalLM, Rotary
+from .llama import LLAMA_TYPES, LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -59,12 +59,10 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def build_model(config, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> nn.Module:
     cls = model_class(config)
-    if cls is GPT2LMHeadModel:
-        state = GPT2LMHeadModel.convert_checkpoint(state)
-    state = {k: v for k, v in state.items() if "rotary_emb.inv_freq" not in k}
+    state = cls.convert_checkpoint(state)
     with torch.device("meta"):
         model = cls(config)
-    tied = model.lm_head.weight is next(iter(model.parameters())) or getattr(config, "tie_word_embeddings", False)
+    tied = model.args.tie_word_embeddings
     if tied:
         state.pop("lm_head.weight", None)
     model = model.to_empty(device="cpu")
@@ -74,11 +72,8 @@ def build_model(config, state: dict[str, torch.Tensor], dtype: torch.dtype, devi
         raise ModelLoadError(f"checkpoint does not match {cls.__name__}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if tied:
         model.lm_head.weight = input_embeddings(model).weight
-    if cls is LlamaForCausalLM:  # a buffer created on meta is recomputed for real, kept in fp32 under any dtype
-        model.model.rotary = Rotary(config)
     model = model.to(device=device, dtype=dtype).eval()
-    if cls is LlamaForCausalLM:
-        model.model.rotary.inv_freq = model.model.rotary.inv_freq.float()
+    model.after_load()  # what each family computes rather than loads (Llama: its rotary tables, fp32)
     model.requires_grad_(False)
     return model
 

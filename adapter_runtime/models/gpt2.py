@@ -6,6 +6,8 @@ HF stores GPT-2's projections as Conv1D, weight [in, out]; we hold them as nn.Li
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
@@ -15,15 +17,49 @@ from .common import KVCache, ModelInfo, Projections, attention_masks, cached_att
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
+@dataclass(frozen=True)
+class GPT2Args:
+    """What the GPT-2 modules read, resolved once from a HF config (optional fields' defaults
+    decided here and nowhere else)."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    inner_size: int
+    layer_norm_eps: float
+    activation: str
+    scale_attn_weights: bool
+    scale_attn_by_inverse_layer_idx: bool
+    max_positions: int
+    tie_word_embeddings: bool
+    name: str
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, c) -> "GPT2Args":
+        return cls(
+            vocab_size=c.vocab_size, hidden_size=c.n_embd, num_layers=c.n_layer, num_heads=c.n_head,
+            inner_size=c.n_inner or 4 * c.n_embd, layer_norm_eps=c.layer_norm_epsilon, activation=c.activation_function,
+            scale_attn_weights=c.scale_attn_weights,
+            scale_attn_by_inverse_layer_idx=getattr(c, "scale_attn_by_inverse_layer_idx", False),
+            max_positions=c.n_positions, tie_word_embeddings=getattr(c, "tie_word_embeddings", True),
+            name=getattr(c, "name_or_path", "") or "",
+        )
+
+
 class Attention(Projections):
-    def __init__(self, config, layer: int):
+    def __init__(self, args: GPT2Args, layer: int):
         super().__init__()
-        H = config.n_embd
-        self.layer, self.nh, self.hd = layer, config.n_head, H // config.n_head
+        H = args.hidden_size
+        self.layer, self.nh, self.hd = layer, args.num_heads, args.head_dim
         self.c_attn = nn.Linear(H, 3 * H)
         self.c_proj = nn.Linear(H, H)
-        scale = self.hd**-0.5 if config.scale_attn_weights else 1.0
-        if getattr(config, "scale_attn_by_inverse_layer_idx", False):
+        scale = self.hd**-0.5 if args.scale_attn_weights else 1.0
+        if args.scale_attn_by_inverse_layer_idx:
             scale /= layer + 1
         self.scale = scale
 
@@ -37,16 +73,15 @@ class Attention(Projections):
 
 
 class MLP(Projections):
-    def __init__(self, config, layer: int):
+    def __init__(self, args: GPT2Args, layer: int):
         super().__init__()
-        H = config.n_embd
-        inner = config.n_inner or 4 * H
+        H, inner = args.hidden_size, args.inner_size
         self.layer = layer
         self.c_fc = nn.Linear(H, inner)
         self.c_proj = nn.Linear(inner, H)
         from ..methods.bottleneck import activation
 
-        self.act = activation(config.activation_function)
+        self.act = activation(args.activation)
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         ad, i = batch.adapters, self.layer
@@ -55,13 +90,13 @@ class MLP(Projections):
 
 
 class Block(nn.Module):
-    def __init__(self, config, layer: int):
+    def __init__(self, args: GPT2Args, layer: int):
         super().__init__()
         self.layer = layer
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.attn = Attention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
-        self.mlp = MLP(config, layer)
+        self.ln_1 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.attn = Attention(args, layer)
+        self.ln_2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
+        self.mlp = MLP(args, layer)
 
     def forward(self, h: Tensor, masks, batch: ForwardBatch, cache: KVCache) -> Tensor:
         ad = batch.adapters
@@ -73,22 +108,26 @@ class Block(nn.Module):
 
 
 class GPT2Body(nn.Module):
-    def __init__(self, config):
+    def __init__(self, args: GPT2Args):
         super().__init__()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
-        self.h = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.wte = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.wpe = nn.Embedding(args.max_positions, args.hidden_size)
+        self.h = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.ln_f = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
 
 class GPT2LMHeadModel(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.transformer = GPT2Body(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", True):
+        self.config = config  # the checkpoint's HF config (the store fingerprints it)
+        self.args = args = GPT2Args.from_hf(config)
+        self.transformer = GPT2Body(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
+
+    def after_load(self) -> None:
+        """Nothing is computed at load for GPT-2 (learned positions)."""
 
     @staticmethod
     def convert_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -105,26 +144,26 @@ class GPT2LMHeadModel(nn.Module):
 
     @property
     def info(self) -> ModelInfo:
-        c = self.config
+        a = self.args
         block = self.transformer.h[0]
         return ModelInfo(
             model_type="gpt2",
             family="gpt2",
-            hidden_size=c.n_embd,
-            num_layers=c.n_layer,
-            num_heads=c.n_head,
-            num_kv_heads=c.n_head,
-            head_dim=c.n_embd // c.n_head,
-            intermediate_size=block.mlp.c_fc.out_features,
-            vocab_size=c.vocab_size,
-            max_positions=c.n_positions,
+            hidden_size=a.hidden_size,
+            num_layers=a.num_layers,
+            num_heads=a.num_heads,
+            num_kv_heads=a.num_heads,
+            head_dim=a.head_dim,
+            intermediate_size=a.inner_size,
+            vocab_size=a.vocab_size,
+            max_positions=a.max_positions,
             linear_shapes={
                 f"{part}.{name}": (m.in_features, m.out_features)
                 for part in ("attn", "mlp")
                 for name, m in getattr(block, part).named_children()
                 if isinstance(m, nn.Linear)
             },
-            name=getattr(c, "name_or_path", "") or "",
+            name=a.name,
         )
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> Tensor:

@@ -7,6 +7,8 @@ checkpoint loads with no name mapping. Adapter sites are the `adapters.*` calls.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +16,51 @@ from ..batch import ForwardBatch
 from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    """What the Llama-family modules read, resolved once from a HF config: the optional
+    fields' defaults and the family variants (Qwen2's qkv bias, Mistral's sliding window) are
+    decided here and nowhere else."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    hidden_act: str
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    tie_word_embeddings: bool
+    sliding_window: int | None
+    max_positions: int
+    rope_original_max: int  # where the "dynamic" and "longrope" tables start to depend on the length
+    name: str
+
+    @classmethod
+    def from_hf(cls, c) -> "LlamaArgs":
+        heads = c.num_attention_heads
+        attention_bias = getattr(c, "attention_bias", False)
+        window = getattr(c, "sliding_window", None)
+        use_window = getattr(c, "use_sliding_window", True) and c.model_type != "llama"
+        return cls(
+            model_type=c.model_type, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size, num_layers=c.num_hidden_layers, num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads, rms_norm_eps=c.rms_norm_eps,
+            hidden_act=c.hidden_act, qkv_bias=c.model_type == "qwen2" or attention_bias,
+            o_bias=attention_bias and c.model_type != "qwen2", mlp_bias=getattr(c, "mlp_bias", False),
+            tie_word_embeddings=getattr(c, "tie_word_embeddings", False), sliding_window=window if use_window else None,
+            max_positions=c.max_position_embeddings,
+            rope_original_max=getattr(c, "original_max_position_embeddings", None) or c.max_position_embeddings,
+            name=getattr(c, "name_or_path", "") or "",
+        )
 
 
 class RMSNorm(nn.Module):
@@ -31,25 +78,25 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """cos/sin tables from transformers' own rope initializers (default, linear, llama3, yarn,
-    longrope, dynamic), so every rope-scaling type a HF config names is computed as HF does."""
+    longrope, dynamic), so every rope-scaling type a HF config names is computed as HF does
+    (those initializers read the HF config itself, which is why it is kept here)."""
 
-    def __init__(self, config):
+    def __init__(self, config, args: LlamaArgs):
         super().__init__()
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
         scaling = getattr(config, "rope_scaling", None) or {}
         self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        self.config = config
+        self.config, self.head_dim = config, args.head_dim
         self.init_fn = ROPE_INIT_FUNCTIONS[self.rope_type] if self.rope_type != "default" else None
         inv_freq, self.attention_scaling = self._init(None)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.original_max = getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        self.original_max = args.rope_original_max
 
     def _init(self, seq_len: int | None) -> tuple[Tensor, float]:
         if self.init_fn is None:
-            head_dim = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-            base = self.config.rope_theta
-            inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+            hd = self.head_dim
+            inv = 1.0 / (self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
             return inv, 1.0
         return self.init_fn(self.config, None, seq_len=seq_len) if seq_len else self.init_fn(self.config, None)
 
@@ -73,19 +120,14 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class Attention(Projections):
     FUSE = (("q_proj", "k_proj", "v_proj"),)
 
-    def __init__(self, config, layer: int):
+    def __init__(self, args: LlamaArgs, layer: int):
         super().__init__()
-        H = config.hidden_size
-        self.layer = layer
-        self.nh = config.num_attention_heads
-        self.nkv = getattr(config, "num_key_value_heads", None) or self.nh
-        self.hd = getattr(config, "head_dim", None) or H // self.nh
-        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-        o_bias = getattr(config, "attention_bias", False) and config.model_type != "qwen2"
-        self.q_proj = nn.Linear(H, self.nh * self.hd, bias=qkv_bias)
-        self.k_proj = nn.Linear(H, self.nkv * self.hd, bias=qkv_bias)
-        self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.nh * self.hd, H, bias=o_bias)
+        H = args.hidden_size
+        self.layer, self.nh, self.nkv, self.hd = layer, args.num_heads, args.num_kv_heads, args.head_dim
+        self.q_proj = nn.Linear(H, self.nh * self.hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(H, self.nkv * self.hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(H, self.nkv * self.hd, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, H, bias=args.o_bias)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], masks, batch: ForwardBatch, cache: KVCache) -> Tensor:
         N = x.shape[0]
@@ -106,17 +148,16 @@ class Attention(Projections):
 class MLP(Projections):
     FUSE = (("gate_proj", "up_proj"),)
 
-    def __init__(self, config, layer: int):
+    def __init__(self, args: LlamaArgs, layer: int):
         super().__init__()
-        H, I = config.hidden_size, config.intermediate_size
-        bias = getattr(config, "mlp_bias", False)
+        H, I, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
         self.layer = layer
         self.gate_proj = nn.Linear(H, I, bias=bias)
         self.up_proj = nn.Linear(H, I, bias=bias)
         self.down_proj = nn.Linear(I, H, bias=bias)
         from ..methods.bottleneck import activation
 
-        self.act = activation(config.hidden_act)
+        self.act = activation(args.hidden_act)
 
     def forward(self, x: Tensor, batch: ForwardBatch) -> Tensor:
         ad, i = batch.adapters, self.layer
@@ -130,13 +171,13 @@ class MLP(Projections):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, layer: int):
+    def __init__(self, args: LlamaArgs, layer: int):
         super().__init__()
         self.layer = layer
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config, layer)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args, layer)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args, layer)
 
     def forward(self, h: Tensor, rope, masks, batch: ForwardBatch, cache: KVCache) -> Tensor:
         ad = batch.adapters
@@ -148,47 +189,56 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaBody(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, args: LlamaArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.rotary = Rotary(config, args)
 
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.config = config
-        self.model = LlamaBody(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if getattr(config, "tie_word_embeddings", False):
+        self.config = config  # the checkpoint's HF config (the store fingerprints it; RoPE reads it)
+        self.args = args = LlamaArgs.from_hf(config)
+        self.model = LlamaBody(config, args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        window = getattr(config, "sliding_window", None)
-        use_window = getattr(config, "use_sliding_window", True) and config.model_type != "llama"
-        self.sliding_window = window if use_window else None
+        self.sliding_window = args.sliding_window
+
+    @staticmethod
+    def convert_checkpoint(state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """HF Llama state dict -> ours: the same names, minus stored rotary tables (recomputed)."""
+        return {k: v for k, v in state.items() if "rotary_emb.inv_freq" not in k}
+
+    def after_load(self) -> None:
+        """The rotary tables were made on the meta device: compute them for real, in fp32
+        whatever the model's dtype (as HF keeps them)."""
+        self.model.rotary = Rotary(self.config, self.args).to(next(self.parameters()).device)
 
     @property
     def info(self) -> ModelInfo:
-        c, attn = self.config, self.model.layers[0].self_attn
+        a = self.args
         return ModelInfo(
-            model_type=c.model_type,
+            model_type=a.model_type,
             family="llama",
-            hidden_size=c.hidden_size,
-            num_layers=c.num_hidden_layers,
-            num_heads=attn.nh,
-            num_kv_heads=attn.nkv,
-            head_dim=attn.hd,
-            intermediate_size=c.intermediate_size,
-            vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings,
+            hidden_size=a.hidden_size,
+            num_layers=a.num_layers,
+            num_heads=a.num_heads,
+            num_kv_heads=a.num_kv_heads,
+            head_dim=a.head_dim,
+            intermediate_size=a.intermediate_size,
+            vocab_size=a.vocab_size,
+            max_positions=a.max_positions,
             linear_shapes={
                 f"{part}.{name}": (m.in_features, m.out_features)
                 for part in ("self_attn", "mlp")
                 for name, m in getattr(self.model.layers[0], part).named_children()
                 if isinstance(m, nn.Linear)
             },
-            name=getattr(c, "name_or_path", "") or "",
+            name=a.name,
         )
 
     def forward(self, batch: ForwardBatch, cache: KVCache) -> Tensor:
