@@ -43,7 +43,7 @@ from adapter_runtime.adapters import Adapter  # noqa: E402
 from adapter_runtime.errors import AdapterFormatError, AdapterIncompatible, AdapterUnsupported, InvalidRequest  # noqa: E402
 from adapter_runtime.formats import load_adapter  # noqa: E402
 from adapter_runtime.composition import validate_stack  # noqa: E402
-from adapter_runtime.layout import forward_sequences  # noqa: E402
+from tests.support.packed import forward_sequences  # noqa: E402
 from adapter_runtime.models import build_model  # noqa: E402
 from tests.support.oracles import greedy_library  # noqa: E402
 from tests.support.tiny import hf_model, random_ids  # noqa: E402

@@ -13,7 +13,7 @@ import torch
 
 from adapter_runtime.errors import AdapterFormatError, AdapterIncompatible, AdapterUnsupported
 from adapter_runtime.formats import load_adapter
-from adapter_runtime.layout import forward_sequences
+from tests.support.packed import forward_sequences
 from adapter_runtime.models import load_model
 from tests.support.oracles import peft_adapter
 from tests.support.tiny import hf_model, random_ids, save_checkpoint

@@ -25,7 +25,7 @@ from adapter_runtime.composition import request_rows  # noqa: E402
 from adapter_runtime.engine import Engine, EngineConfig, Request  # noqa: E402
 from adapter_runtime.errors import InvalidRequest  # noqa: E402
 from adapter_runtime.formats import load_adapter  # noqa: E402
-from adapter_runtime.layout import forward_sequences  # noqa: E402
+from tests.support.packed import forward_sequences  # noqa: E402
 from adapter_runtime.methods.compose import Composed  # noqa: E402
 from adapter_runtime.models import load_model  # noqa: E402
 from adapter_runtime.registry import AdapterRegistry  # noqa: E402

@@ -15,7 +15,7 @@ import torch
 from adapter_runtime import merge as merge_ops
 from adapter_runtime.engine import Engine, EngineConfig, Request
 from adapter_runtime.formats import load_adapter
-from adapter_runtime.layout import forward_sequences
+from tests.support.packed import forward_sequences
 from adapter_runtime.models import load_model
 from adapter_runtime.sampling import SamplingParams
 from tests.support.oracles import adapterhub_adapter, peft_adapter

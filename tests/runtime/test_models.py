@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapter_runtime.batch import ForwardBatch
-from adapter_runtime.layout import forward_sequences
+from tests.support.packed import forward_sequences
 from adapter_runtime.models import KVCache, load_model
 from tests.support.tiny import hf_model, random_ids, save_checkpoint
 

@@ -11,7 +11,7 @@ import torch
 
 from adapter_runtime.adapters import Adapter, Bottleneck, Invertible, LoRA, Prefix, Prompt, Scale
 from adapter_runtime.engine import Engine, EngineConfig, Request
-from adapter_runtime.layout import forward_sequences
+from tests.support.packed import forward_sequences
 from adapter_runtime.models import load_model
 from adapter_runtime.sampling import SamplingParams
 from tests.support.tiny import hf_model, random_ids, save_checkpoint

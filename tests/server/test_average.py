@@ -18,7 +18,7 @@ from adapters import (ConfigUnion, DoRAConfig, LoRAConfig, PrefixTuningConfig, S
 from fastapi.testclient import TestClient  # noqa: E402
 
 from adapter_runtime.formats import load_adapter  # noqa: E402
-from adapter_runtime.layout import forward_sequences  # noqa: E402
+from tests.support.packed import forward_sequences  # noqa: E402
 from adapter_runtime.models import load_model  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.settings import Settings  # noqa: E402
