@@ -173,17 +173,22 @@ def test_a_failing_request_does_not_stop_the_loop(pair, engine):
     assert list(engine.submit(Request((1, 2, 3), GREEDY)).result(TIMEOUT).token_ids) == hf_greedy(hf, [1, 2, 3], 10)
 
 
-def test_adapter_rows_decode_like_the_one_shot_forward(pair, engine):
-    """Prompt tuning + a position-shifting prefix + LoRA: the engine's incremental layout
-    (slots, positions, virtual tokens) against layout.forward_sequences over the whole text."""
-    _, loaded = pair
-    info = loaded.info
-    g = torch.Generator().manual_seed(7)
+def token_space_adapter(info, seed: int) -> Adapter:
+    """Random prompt tuning (2 virtual tokens) + a position-shifting prefix (3 entries) + a LoRA
+    on layer 1: every layout feature of a row at once."""
+    g = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
     module, (n_in, n_out) = next(iter(info.linear_shapes.items()))
     kv = lambda: {layer: rand(info.num_kv_heads, 3, info.head_dim) for layer in range(info.num_layers)}  # noqa: E731
-    adapter = Adapter("mix", "peft", "mixed", {}, linear={(1, module): LoRA(rand(4, n_in), rand(n_out, 4), 2.0)},
-                      prefix=Prefix(kv(), kv(), 3, shifts_positions=True), prompt=Prompt(rand(2, info.hidden_size)))
+    return Adapter("mix", "peft", "mixed", {}, linear={(1, module): LoRA(rand(4, n_in), rand(n_out, 4), 2.0)},
+                   prefix=Prefix(kv(), kv(), 3, shifts_positions=True), prompt=Prompt(rand(2, info.hidden_size)))
+
+
+def test_adapter_rows_decode_like_the_one_shot_forward(pair, engine):
+    """Prompt tuning + a position-shifting prefix + LoRA: the engine's incremental layout
+    (slots, positions, virtual tokens) against the one-shot packed forward over the whole text."""
+    _, loaded = pair
+    adapter = token_space_adapter(loaded.info, seed=7)
     params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=0, ignore_eos=True)
     rows = prompts([5, 8], seed=70)
     handles = [engine.submit(Request(tuple(rows[0]), params, setup=(adapter,))),
@@ -224,13 +229,7 @@ def test_choices_of_one_prompt_share_its_prefill(pair):
     tokens included) and the other choices copy its KV entries; every choice still samples with
     its own seed, gives what it gives alone, and its log-probabilities equal a full forward."""
     _, loaded = pair
-    info = loaded.info
-    g = torch.Generator().manual_seed(11)
-    rand = lambda *shape: torch.randn(*shape, generator=g) * 0.3  # noqa: E731
-    module, (n_in, n_out) = next(iter(info.linear_shapes.items()))
-    kv = lambda: {layer: rand(info.num_kv_heads, 3, info.head_dim) for layer in range(info.num_layers)}  # noqa: E731
-    adapter = Adapter("mix", "peft", "mixed", {}, linear={(1, module): LoRA(rand(4, n_in), rand(n_out, 4), 2.0)},
-                      prefix=Prefix(kv(), kv(), 3, shifts_positions=True), prompt=Prompt(rand(2, info.hidden_size)))
+    adapter = token_space_adapter(loaded.info, seed=11)
     prompt = tuple(prompts([9], seed=80)[0])
     with Engine(loaded, config=EngineConfig(max_batch=4, max_seq_len=64, compile=False)) as engine:
         prefilled = []
