@@ -34,6 +34,13 @@ class ModelInfo:
         return {k: v for k, v in self.__dict__.items() if k != "linear_shapes"}
 
 
+def linear_shapes(block: nn.Module, parts: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """`part.name` -> (in, out) of every linear layer directly under the block's `parts`
+    (ModelInfo.linear_shapes: the sites a LoRA or (IA)^3 may target)."""
+    return {f"{part}.{name}": (m.in_features, m.out_features)
+            for part in parts for name, m in getattr(block, part).named_children() if isinstance(m, nn.Linear)}
+
+
 class KVCache:
     """Fixed slots: per layer one key and one value tensor [slots, n_kv, max_len, head_dim].
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
-from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention
+from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention, linear_shapes
 
 # checkpoint keys (suffixes) whose tensors are Conv1D [in, out] and are transposed at load
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -145,7 +145,6 @@ class GPT2LMHeadModel(nn.Module):
     @property
     def info(self) -> ModelInfo:
         a = self.args
-        block = self.transformer.h[0]
         return ModelInfo(
             model_type="gpt2",
             family="gpt2",
@@ -157,12 +156,7 @@ class GPT2LMHeadModel(nn.Module):
             intermediate_size=a.inner_size,
             vocab_size=a.vocab_size,
             max_positions=a.max_positions,
-            linear_shapes={
-                f"{part}.{name}": (m.in_features, m.out_features)
-                for part in ("attn", "mlp")
-                for name, m in getattr(block, part).named_children()
-                if isinstance(m, nn.Linear)
-            },
+            linear_shapes=linear_shapes(self.transformer.h[0], ("attn", "mlp")),
             name=a.name,
         )
 

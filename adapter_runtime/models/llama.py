@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
-from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention
+from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention, linear_shapes
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
@@ -232,12 +232,7 @@ class LlamaForCausalLM(nn.Module):
             intermediate_size=a.intermediate_size,
             vocab_size=a.vocab_size,
             max_positions=a.max_positions,
-            linear_shapes={
-                f"{part}.{name}": (m.in_features, m.out_features)
-                for part in ("self_attn", "mlp")
-                for name, m in getattr(self.model.layers[0], part).named_children()
-                if isinstance(m, nn.Linear)
-            },
+            linear_shapes=linear_shapes(self.model.layers[0], ("self_attn", "mlp")),
             name=a.name,
         )
 
