@@ -50,6 +50,9 @@ CASES = {
     "hub-loreft": ("hub", lambda: LoReftConfig(r=4, prefix_positions=2, suffix_positions=2)),
     "hub-noreft": ("hub", lambda: NoReftConfig(r=2, prefix_positions=1, suffix_positions=3, tied_weights=True)),
 }
+# LoReFT: torch's orthogonal map of many random `original` matrices is exactly zero (then the
+# intervention is the identity); these weights give a projection that changes the output
+HUB_WEIGHTS = {"hub-loreft": {"seed": 2, "scale": 1.0}}
 # compositions (Fuse, Average, Parallel, BatchSplit, a Stack around a Fuse) share batches with
 # banked rows in tests/runtime/test_compose.py and tests/server/test_compose_http.py
 
@@ -66,7 +69,7 @@ def world(tmp_path_factory):
             is_ia3 = case == "peft-ia3"
             _, oracle = peft_adapter("llama", config(), directory, seed=i + 1, ia3=is_ia3, hidden=HIDDEN)
         else:
-            _, oracle = adapterhub_adapter("llama", config(), directory, seed=i + 1, hidden=HIDDEN)
+            _, oracle = adapterhub_adapter("llama", config(), directory, hidden=HIDDEN, **HUB_WEIGHTS.get(case, {"seed": i + 1}))
         made[case] = (load_adapter(directory, lm.info, case), oracle.eval())
     return lm, made
 
@@ -89,9 +92,12 @@ def test_mixed_batch_rows_equal_library_and_single_requests(world):
         alone = [engine.submit(request(i)).result(120).token_ids for i in range(len(names))]
 
     assert together == alone
+    base = hf_model("llama", hidden=HIDDEN)  # the oracles' base model, without adapters
     for i, case in enumerate(names):
         if case is None:
             continue
+        # every adapter row changes the base model's continuation: else its row proves nothing
+        assert greedy_library(base, prompts[i], STEPS) != list(together[i]), case
         oracle = made[case][1]
         if case.startswith("peft"):
             with torch.no_grad():
