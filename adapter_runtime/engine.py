@@ -45,6 +45,7 @@ from .registry import AdapterRegistry, CacheObserver
 from .runner import ModelRunner, RowState, freeze_heap
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence as Seq, StepPlan
+from .threads import compute_threads, release_thread_pool, use_compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,10 @@ class EngineConfig:
     token_budget: int = 512  # most tokens (decode rows + prompt chunks) in one step: chunked prefill
     compile: bool = False  # run decode-only steps through torch.compile (the server turns it on)
     bank_slots: int | None = None  # adapters kept in the device banks; None = max(max_batch, 16)
+    threads: int | None = None  # torch threads of the worker's math; None = threads.compute_threads()
+
+
+IDLE_RELEASE_S = 0.2  # the worker lets its OpenMP helper threads go after this long without work
 
 
 @dataclass(frozen=True)
@@ -231,7 +236,8 @@ class Engine:
         self.max_seq_len = min(config.max_seq_len or cap, self.info.max_positions)
         self.cache = self._allocate_cache()
         bank_slots = config.bank_slots or max(config.max_batch, self.registry.limits.device_adapters)
-        self.runner = ModelRunner(self.model, self.cache, bank_slots, compile=config.compile)
+        self.threads = compute_threads(config.threads)
+        self.runner = ModelRunner(self.model, self.cache, bank_slots, compile=config.compile, threads=self.threads)
         self.scheduler = Scheduler(config.max_batch, config.token_budget, config.max_queue)
         self._active: dict[int, _Active] = {}  # id(seq) -> state
         self._cond = threading.Condition()
@@ -375,11 +381,15 @@ class Engine:
 
     # ------------------------------------------------------------------ worker loop
     def _loop(self) -> None:
+        use_compute_threads(self.threads)  # only this thread (and the compile thread) runs multi-threaded
         with torch.inference_mode():
             while True:
                 with self._cond:
+                    idle = False
                     while not (self._stopping or self.scheduler.running or self.scheduler.waiting or self._commands):
-                        self._cond.wait()
+                        if not self._cond.wait(timeout=IDLE_RELEASE_S) and not idle:
+                            release_thread_pool()  # idle: its helper threads would slow other threads' math
+                            idle = True
                     if self._stopping:
                         return
                     for seq in self.scheduler.drop_waiting(lambda s: s.payload.cancelled):

@@ -23,6 +23,7 @@ from .batch import ForwardBatch, MergedAdapter, RowSpan, Setup, banked_adapter, 
 from .methods import prefix as prefix_method
 from .models.common import KVCache, prepack
 from .scheduler import StepPlan
+from .threads import compute_threads, use_compute_threads
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,8 @@ def buckets_for(max_batch: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, bank_capacity: int, compile: bool = False, buckets: Sequence[int] = ()):
+    def __init__(self, model, cache: KVCache, bank_capacity: int, compile: bool = False, buckets: Sequence[int] = (),
+                 threads: int | None = None):
         self.model = model
         self.info = model.info
         self.cache = cache
@@ -80,6 +82,7 @@ class ModelRunner:
         self.scratch_slot = cache.num_slots - 1  # padding rows of a static step write here
         self.buckets = sorted(buckets) or buckets_for(cache.num_slots - 1)
         self.compile = compile
+        self.threads = compute_threads(threads)  # the compile thread's: its kernels bake the count in
         # a compiled step reads the cache up to a multiple of this (its length is a dynamic size
         # of the graph; rounding only spares guard checks, and every key read costs bandwidth)
         self.kv_round = 16
@@ -205,6 +208,7 @@ class ModelRunner:
 
     def _compile_queued(self) -> None:
         """The compile thread: one variant after the other, until none is waiting."""
+        use_compute_threads(self.threads)
         while True:
             with self._lock:
                 if not self._compiling:

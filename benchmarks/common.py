@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import platform
+import threading
 import time
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ import torch
 from adapter_runtime.engine import Engine, EngineConfig, Request
 from adapter_runtime.models import LoadedModel, build_model
 from adapter_runtime.sampling import SamplingParams
+from adapter_runtime.threads import compute_threads, use_compute_threads
 from tests.support.live import ServerProcess  # noqa: F401  (the server process helper, shared with the tests)
 
 SEED = 0
@@ -27,7 +29,7 @@ def device() -> torch.device:
 def header() -> str:
     d = device()
     name = torch.cuda.get_device_name(0) if d.type == "cuda" else platform.processor() or platform.machine()
-    return (f"# torch {torch.__version__} | threads {torch.get_num_threads()} | device {d.type} ({name}) | "
+    return (f"# torch {torch.__version__} | threads {compute_threads()} | device {d.type} ({name}) | "
             f"fp32 | model: random Llama (h512, 8 layers, 8 heads / 4 kv, ffn 1376, tied), vocab {VOCAB} (40M) "
             f"or {SMALL_VOCAB} (small head)")
 
@@ -135,8 +137,34 @@ def run_engine(engine: TimedEngine, batch: list[list[int]], max_tokens: int, set
     return EngineRun(wall, tokens, engine.decode_s, engine.decode_tokens)
 
 
+def on_compute_thread(fn):
+    """fn() on a fresh thread with the engine worker's torch thread count, so that a peer gets
+    the same CPUs our worker does (the main thread is single-threaded: adapter_runtime/threads.py);
+    the thread's OpenMP pool goes away with it."""
+    out = {}
+
+    def target():
+        use_compute_threads(compute_threads())
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # re-raised on the caller's thread
+            out["error"] = e
+
+    thread = threading.Thread(target=target, name="peer")
+    thread.start()
+    thread.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def hf_generate(model, batch: list[list[int]], max_tokens: int, **kwargs) -> tuple[float, int]:
-    """transformers greedy `generate` on a left-padded batch -> (wall seconds, new tokens)."""
+    """transformers greedy `generate` on a left-padded batch -> (wall seconds, new tokens), on
+    a compute thread."""
+    return on_compute_thread(lambda: _hf_generate(model, batch, max_tokens, **kwargs))
+
+
+def _hf_generate(model, batch: list[list[int]], max_tokens: int, **kwargs) -> tuple[float, int]:
     L = max(len(p) for p in batch)
     ids = torch.zeros(len(batch), L, dtype=torch.long)
     mask = torch.zeros(len(batch), L, dtype=torch.long)

@@ -57,6 +57,8 @@ class Settings(BaseSettings):
                                                       "model's maximum, capped at 4096)")
     max_queue: int = Field(256, description="requests waiting for a slot before the server answers 429")
     token_budget: int = Field(512, description="tokens per engine step, decode rows + prompt chunks (chunked prefill)")
+    threads: int | None = Field(None, ge=1, description="torch threads of the engine's math (default: every CPU this "
+                                                        "process may use; all other threads run torch single-threaded)")
     compile: Annotated[bool, Flag(name="--no-compile", action="store_false")] = Field(
         True, description="run every engine step eagerly (default: compile the static decode step at startup)")
     adapters: Annotated[tuple[tuple[str, str], ...], NoDecode, Flag(name="--adapter", action="append",

@@ -86,7 +86,7 @@ def test_the_engine_config_is_taken_by_name():
     s = Settings(max_batch=3, max_seq_len=40, max_queue=5, token_budget=64, compile=False, device_cache_adapters=7)
     config = engine_config(s)
     shared = [f.name for f in fields(EngineConfig) if f.name in Settings.model_fields]
-    assert sorted(shared) == ["compile", "max_batch", "max_queue", "max_seq_len", "token_budget"]
+    assert sorted(shared) == ["compile", "max_batch", "max_queue", "max_seq_len", "threads", "token_budget"]
     assert [getattr(config, n) for n in shared] == [getattr(s, n) for n in shared] and config.bank_slots == 7
 
 
