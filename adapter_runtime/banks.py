@@ -27,6 +27,7 @@ from .methods.lora import LoRABank
 log = logging.getLogger(__name__)
 
 BANKED_METHODS = (LoRABank, ScaleBank, BottleneckBank, InvertibleBank)
+BANKABLE_MEMO = 4096  # adapters whose bankable() answer is remembered
 
 
 def adapter_key(adapter: Adapter) -> tuple:
@@ -48,6 +49,20 @@ class AdapterBanks:
         self.banks = {cls.kind: cls(info, self.capacity, device, dtype) for cls in BANKED_METHODS}
         self._slots: OrderedDict[tuple, tuple[int, Adapter]] = OrderedDict()  # key -> (slot, adapter), LRU order
         self._free = list(range(self.capacity - 1, 0, -1))  # pop() takes the lowest
+        self._bankable: OrderedDict[tuple, bool] = OrderedDict()  # adapter_key -> bankable(adapter)
+
+    def bankable(self, adapter: Adapter) -> bool:
+        """`bankable(adapter)`, remembered by content identity: every step asks it of every row,
+        and it walks all of the adapter's effects (a quarter of a LoRA step's host time)."""
+        key = adapter_key(adapter)
+        if not getattr(adapter, "uid", None):
+            return bankable(adapter)
+        known = self._bankable.get(key)
+        if known is None:
+            known = self._bankable[key] = bankable(adapter)
+            if len(self._bankable) > BANKABLE_MEMO:
+                self._bankable.popitem(last=False)
+        return known
 
     def __getitem__(self, kind: str):
         return self.banks[kind]

@@ -390,8 +390,6 @@ def build_adapter_step(
     every other row gets the merged delta undone at each merged site. `done[b]`: the row's tokens
     (virtual ones included) computed before this chunk, to place soft prompts; `logit_rows[b]`:
     the rows of the step's logits that belong to row b (for flex heads)."""
-    from .banks import bankable
-
     device = torch.device(device)
     N = sum(counts)
     firsts = [sum(counts[:b]) for b in range(len(counts))]
@@ -414,7 +412,7 @@ def build_adapter_step(
         if not setup or block is None and all(not (a.linear or a.bottleneck or a.invertible or a.head or a.reft)
                                               for a in setup):
             continue  # nothing per token (none, or only prefix/prompt)
-        if banks is not None and banked_adapter(setup, bankable) is not None:
+        if banks is not None and banked_adapter(setup, banks.bankable) is not None:
             row_slots[b] = -1  # filled below, once every slot of the step is known to be in use
         else:
             key = ("composed", block.key) if block is not None else tuple(id(a) for a in setup)

@@ -262,9 +262,7 @@ class ModelRunner:
     def admit(self, setup: Setup, others: Sequence[Setup]) -> None:
         """Write a newly admitted request's adapter into the banks now (not inside a step), so
         that weights that do not fit fail this request alone."""
-        from .banks import bankable
-
-        if (adapter := banked_adapter(setup, bankable)) is not None:
+        if (adapter := banked_adapter(setup, self.banks.bankable)) is not None:
             in_use = [s for o in others if len(o) == 1 and (s := self.banks.peek(o[0])) is not None]
             self.banks.slot(adapter, in_use)
 

@@ -158,10 +158,26 @@ def on_compute_thread(fn):
     return out["value"]
 
 
-def hf_generate(model, batch: list[list[int]], max_tokens: int, **kwargs) -> tuple[float, int]:
+def on_main_thread_with_compute_threads(fn):
+    """fn() on the calling (main) thread with the worker's thread count, then back to one
+    thread. For a peer measured last: its pool may outlive the call and slow a later engine."""
+    from adapter_runtime.threads import release_thread_pool
+
+    before = torch.get_num_threads()
+    use_compute_threads(compute_threads())
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+        release_thread_pool()
+
+
+def hf_generate(model, batch: list[list[int]], max_tokens: int, main_thread: bool = False,
+                **kwargs) -> tuple[float, int]:
     """transformers greedy `generate` on a left-padded batch -> (wall seconds, new tokens), on
-    a compute thread."""
-    return on_compute_thread(lambda: _hf_generate(model, batch, max_tokens, **kwargs))
+    a fresh compute thread (as our worker runs) or, `main_thread`, on the main thread."""
+    run = on_main_thread_with_compute_threads if main_thread else on_compute_thread
+    return run(lambda: _hf_generate(model, batch, max_tokens, **kwargs))
 
 
 def _hf_generate(model, batch: list[list[int]], max_tokens: int, **kwargs) -> tuple[float, int]:

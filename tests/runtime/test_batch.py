@@ -126,3 +126,21 @@ def test_slots_are_reused_and_follow_identity_not_name():
     step = build_adapter_step([(c,)], [1], "cpu", banks=banks)
     y = step.linear(0, "m", lambda v: torch.zeros(1, OUT), x)
     assert close(y, stack_math.apply_output(x, torch.zeros(1, OUT), [c.linear[(0, "m")]], None))
+
+
+def test_bankable_is_remembered_per_content_not_per_uid_alone():
+    """A merged adapter's rows use a copy without its linear effects under the same uid: the
+    remembered answer must not carry over between the two."""
+    from dataclasses import replace
+
+    from adapter_runtime.banks import bankable
+    from adapter_runtime.batch import without_linear
+
+    banks = AdapterBanks(INFO, 4, torch.device("cpu"), torch.float32)
+    gated = replace(lora(4), gate_weight=rand(2, H), gate_bias=rand(2))  # gated LoRA: the side path
+    full = adapter("g", linear=gated, bn=bottleneck("relu", 4))
+    residue = without_linear(full)
+    assert residue.uid == full.uid
+    for a in (full, residue, full, residue):
+        assert banks.bankable(a) == bankable(a)
+    assert not banks.bankable(full) and banks.bankable(residue)
