@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters import Adapter, Bottleneck
-from . import token_mean
+from . import materialized, token_mean
 
 LN_EPS = 1e-5  # adapter LayerNorms are nn.LayerNorm(H) with the default eps, on Llama too
 
@@ -131,8 +131,9 @@ def banked_compose(w: dict, act: str, s: Tensor, r: Tensor, slots: Tensor) -> Te
     if "ln_before" in w:
         lw, lb, has = w["ln_before"]
         x = torch.where(has[slots][:, None], _banked_layer_norm(x, lw[slots], lb[slots]), x)
-    z = torch.bmm(w["down"][slots], x[:, :, None])[:, :, 0] + w["down_bias"][slots]  # [n, d]
-    up = (torch.bmm(w["up"][slots], activation(act)(z)[:, :, None])[:, :, 0] + w["up_bias"][slots]) * w["scaling"][slots]
+    z = torch.bmm(w["down"][slots], materialized(x)[:, :, None])[:, :, 0] + w["down_bias"][slots]  # [n, d]
+    a = materialized(activation(act)(z))
+    up = (torch.bmm(w["up"][slots], a[:, :, None])[:, :, 0] + w["up_bias"][slots]) * w["scaling"][slots]
     residual_first = flag["adapter_residual_before_ln"] & ~par
     t = torch.where(residual_first, up + ares, up)
     if "ln_after" in w:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters import Adapter, Invertible
+from . import materialized
 from .bottleneck import activation
 
 PARTS = ("f0", "f2", "g0", "g2")
@@ -48,7 +49,8 @@ def inverse(inv: Invertible, y: Tensor) -> Tensor:
 
 def _banked_mlp(w: dict, first: str, second: str, act: str, z: Tensor, slots: Tensor) -> Tensor:
     hidden = torch.bmm(w[first][slots], z[:, :, None])[:, :, 0] + w[first + "_bias"][slots]
-    return torch.bmm(w[second][slots], activation(act)(hidden)[:, :, None])[:, :, 0] + w[second + "_bias"][slots]
+    a = materialized(activation(act)(hidden))
+    return torch.bmm(w[second][slots], a[:, :, None])[:, :, 0] + w[second + "_bias"][slots]
 
 
 def banked_forward(w: dict, act: str, x: Tensor, slots: Tensor) -> Tensor:
