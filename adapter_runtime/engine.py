@@ -238,7 +238,8 @@ class Engine:
         bank_slots = config.bank_slots or max(config.max_batch, self.registry.limits.device_adapters)
         self.threads = compute_threads(config.threads)
         self.runner = ModelRunner(self.model, self.cache, bank_slots, compile=config.compile, threads=self.threads)
-        self.scheduler = Scheduler(config.max_batch, config.token_budget, config.max_queue)
+        self.scheduler = Scheduler(config.max_batch, config.token_budget, config.max_queue,
+                                   separate_prefill=config.compile)
         self._active: dict[int, _Active] = {}  # id(seq) -> state
         self._cond = threading.Condition()
         self._stopping = False

@@ -5,6 +5,12 @@ slot is free, gives each running sequence whose prompt is done one decode token,
 the rest of the step's token budget with prompt chunks (chunked prefill), oldest first. So a
 new arrival never stalls the running requests for more than one budget's worth of tokens,
 and a long prompt is spread over several steps while decoding goes on.
+
+With `separate_prefill` (the engine sets it when decode-only steps run compiled), prompt
+chunks and decode tokens go to alternating steps instead of one mixed step: a mixed step runs
+eager, so an arrival's first token came after a whole eager forward of both parts, while a
+prefill-only step returns it after the prompt alone, and the decoding rows lose the same time
+either way (an eager mixed step costs about a compiled decode step plus the chunk).
 """
 
 from __future__ import annotations
@@ -66,10 +72,13 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, token_budget: int = 512, max_queue: int = 256):
+    def __init__(self, num_slots: int, token_budget: int = 512, max_queue: int = 256,
+                 separate_prefill: bool = False):
         self.num_slots = num_slots
         self.token_budget = token_budget
         self.max_queue = max_queue
+        self.separate_prefill = separate_prefill
+        self._last_prefilled = False  # the previous step ran prompt chunks (separate_prefill alternates)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self._free = list(range(num_slots))  # heap: always the lowest free slot
@@ -106,6 +115,11 @@ class Scheduler:
             self.running.append(seq)
             admitted.append(seq)
         decode = sorted((s for s in self.running if not s.prefilling), key=lambda s: s.slot)
+        if self.separate_prefill and decode:
+            if self._last_prefilled or not self._has_prefill():
+                self._last_prefilled = False
+                return StepPlan(decode, [], admitted)  # the decoding rows' turn
+            decode = []  # a prompt chunk waits: this step is prefill-only
         budget = max(self.token_budget - len(decode), MIN_CHUNK)
         prefill = []
         for seq in self.running:
@@ -117,7 +131,11 @@ class Scheduler:
             count = left if seq.whole_prompt else min(left, budget)
             prefill.append(Chunk(seq, seq.computed, count))
             budget -= count
+        self._last_prefilled = bool(prefill)
         return StepPlan(decode, prefill, admitted)
+
+    def _has_prefill(self) -> bool:
+        return any(s.prefilling and s.leader is None for s in self.running)
 
     def advance(self, plan: StepPlan) -> None:
         """The plan's tokens are now in the cache."""

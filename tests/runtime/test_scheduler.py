@@ -67,3 +67,31 @@ def test_a_whole_prompt_sequence_is_never_split():
     assert [(c.seq.payload, c.count) for c in plan.prefill] == [("small", 10)]  # whole waits: it does not fit
     plan = run_step(s)
     assert [(c.seq.payload, c.start, c.count) for c in plan.prefill] == [("whole", 0, 50)]  # alone, over budget
+
+
+def test_separate_prefill_gives_an_arrival_its_own_step_and_alternates_with_decoding():
+    """With a compiled decode step (separate_prefill), an arrival's first chunk runs in the very
+    next step, alone; while a long prompt is chunked, prefill and decode steps alternate, so the
+    decoding rows get a token every second step at worst and every row finishes."""
+    s = Scheduler(num_slots=8, token_budget=32, separate_prefill=True)
+    decoders = [Sequence(i, 4) for i in range(3)]
+    s.enqueue(*decoders)
+    first = run_step(s)
+    assert first.prefill and not first.decode  # nothing decodes yet: the prompts run together
+    assert [run_step(s).decode for _ in range(2)] == [decoders, decoders]  # no prompt left: decode only
+    arrival = Sequence("long", 100)  # 100 tokens at a budget of 32: four chunks
+    s.enqueue(arrival)
+    kinds = []
+    while arrival.prefilling:
+        plan = run_step(s)
+        assert not (plan.decode and plan.prefill)
+        kinds.append("prefill" if plan.prefill else "decode")
+    assert kinds == ["prefill", "decode", "prefill", "decode", "prefill", "decode", "prefill"]
+    assert run_step(s).decode == [*decoders, arrival]
+    # without the flag the same arrival shares its steps with the decoding rows
+    mixed = Scheduler(num_slots=8, token_budget=32)
+    mixed.enqueue(*[Sequence(i, 4) for i in range(3)])
+    run_step(mixed)
+    mixed.enqueue(Sequence("long", 100))
+    plan = run_step(mixed)
+    assert len(plan.decode) == 3 and plan.prefill[0].count == 32 - 3
