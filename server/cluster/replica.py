@@ -79,7 +79,9 @@ class EngineReplica:
         self.settings = settings
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.metrics = Metrics(lambda: {**self.engine.stats(), "skipped": len(self.engine.registry.store.skipped)})
-        self.engine = build_engine(settings, self.metrics.engine_hooks(), self.metrics.cache_event)
+        threads = settings.threads or max(1, round(settings.replica_cpus))  # the replica's CPUs, not the node's
+        self.engine = build_engine(settings.model_copy(update={"threads": threads}), self.metrics.engine_hooks(),
+                                   self.metrics.cache_event)
         self.engine.registry.shared = True  # the other replicas write the same store
         self.engine.start()
         self._reserved: dict[str, tuple[tuple, float]] = {}  # token -> (setup, deadline)

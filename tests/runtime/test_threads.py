@@ -8,13 +8,15 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
+import pytest
 import torch
 
-from adapter_runtime.engine import Engine, EngineConfig, EngineHooks, Request
+from adapter_runtime.engine import IDLE_RELEASE_S, Engine, EngineConfig, EngineHooks, Request
 from adapter_runtime.models import load_model
 from adapter_runtime.sampling import SamplingParams
-from adapter_runtime.threads import compute_threads, release_thread_pool
+from adapter_runtime.threads import _openmp_pause, compute_threads
 from tests.support.tiny import hf_model, save_checkpoint
 
 
@@ -32,13 +34,23 @@ def test_importing_the_runtime_first_makes_other_threads_single_threaded():
                 "print(os.environ['OMP_NUM_THREADS'], compute_threads())", OMP_NUM_THREADS="3") == "3 3"
 
 
+def _threads_of_this_process() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or _openmp_pause() is None,
+                    reason="counts threads through /proc and needs the OpenMP runtime's pause call (Linux)")
 def test_the_worker_runs_with_the_configured_threads_and_lets_its_pool_go_when_idle(tmp_path):
     seen = []
     hooks = EngineHooks(first_token=lambda request, seconds: seen.append((threading.current_thread().name,
                                                                          torch.get_num_threads())))
     loaded = load_model(save_checkpoint(hf_model("llama"), tmp_path / "m"))
-    with Engine(loaded, config=EngineConfig(max_batch=2, max_seq_len=64, threads=3), hooks=hooks) as engine:
-        engine.submit(Request((5, 6, 7), SamplingParams(max_tokens=2, ignore_eos=True))).result(timeout=60)
+    with Engine(loaded, config=EngineConfig(max_batch=2, max_seq_len=160, threads=3), hooks=hooks) as engine:
+        time.sleep(2 * IDLE_RELEASE_S)
+        idle = _threads_of_this_process()
+        engine.submit(Request(tuple(range(5, 133)), SamplingParams(max_tokens=2, ignore_eos=True))).result(timeout=60)
+        busy = _threads_of_this_process()  # the worker's two OpenMP helpers, until it has idled a while
+        time.sleep(4 * IDLE_RELEASE_S)
+        assert busy >= idle + 2 and _threads_of_this_process() <= busy - 2  # its two helpers are gone
     assert seen == [("engine", 3)]
-    assert compute_threads(None) >= 1 and compute_threads(2) == 2
-    release_thread_pool()  # a thread without a pool: a no-op, never an error
+    assert compute_threads(2) == 2
