@@ -388,9 +388,9 @@ class Engine:
                 with self._cond:
                     idle = False
                     while not (self._stopping or self.scheduler.running or self.scheduler.waiting or self._commands):
-                        if not self._cond.wait(timeout=IDLE_RELEASE_S) and not idle:
+                        if not self._cond.wait(timeout=None if idle else IDLE_RELEASE_S):
                             release_thread_pool()  # idle: its helper threads would slow other threads' math
-                            idle = True
+                            idle = True  # then sleep until notified
                     if self._stopping:
                         return
                     for seq in self.scheduler.drop_waiting(lambda s: s.payload.cancelled):
