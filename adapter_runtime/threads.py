@@ -61,18 +61,23 @@ def use_compute_threads(n: int) -> None:
 
 @functools.cache
 def _openmp_pause() -> Callable[[int], int] | None:
-    """omp_pause_resource_all of the OpenMP runtime torch loaded (libgomp, or LLVM/Intel's), if any."""
+    """omp_pause_resource_all of the OpenMP runtime torch uses (libgomp, or LLVM/Intel's), if any.
+    Other packages bring their own copies (scikit-learn's libgomp-<hash>.so): torch's own, in
+    its lib folder, comes first, since pausing another runtime leaves torch's pools alone."""
+    import torch
+
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if line.rstrip().endswith(".so") or ".so." in line}
     except OSError:  # not on Linux: nothing to release
         return None
-    for path in sorted(paths):
-        if any(name in path.rsplit("/", 1)[-1] for name in ("libgomp", "libiomp5", "libomp")):
-            try:
-                return getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
-            except OSError:
-                continue
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    runtimes = [p for p in paths if any(name in p.rsplit("/", 1)[-1] for name in ("libgomp", "libiomp5", "libomp"))]
+    for path in sorted(runtimes, key=lambda p: (not p.startswith(torch_dir), p)):
+        try:
+            return getattr(ctypes.CDLL(path), "omp_pause_resource_all", None)
+        except OSError:
+            continue
     return None
 
 
