@@ -11,9 +11,9 @@ Reference loop at one location, s = sublayer output, r = residual before the sub
     last parallel:   h = v + s (+ r if original_ln_after)
     last sequential: h = v + r if original_ln_after else v
 
-Bank: per (location, activation) the down/up weights and biases, the scaling as a [H] vector,
-the LayerNorms and the five flags of every adapter, one slot each (bottleneck widths zero-padded
-to the widest: act(0) = 0 for the activations banked and the padded up-columns are zero). One
+Bank: per location the down/up weights and biases, the scaling as a [H] vector, the LayerNorms,
+the activation (a code into the site's names) and the five flags of every adapter, one slot
+each (bottleneck widths zero-padded to the widest: the padded up-columns are zero). One
 gathered pass computes every token's adapter; `torch.where` on the flags picks, per token, what
 the branchy reference would compute, and tokens whose slot has no adapter here keep s + r.
 Gated adapters (a mean over the chunk's tokens) take the side path.
@@ -113,44 +113,60 @@ def phm_weight(rule: Tensor, W: Tensor) -> Tensor:
 
 # --------------------------------------------------------------------------- bank
 FLAGS = ("is_parallel", "original_ln_before", "residual_before_ln", "adapter_residual_before_ln", "original_ln_after")
+COLUMN = {name: i for i, name in enumerate((*FLAGS, "present", "ln_before", "ln_after"))}  # a site's flag table
 
 
-def _banked_layer_norm(t: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """F.layer_norm with a per-token affine (weight/bias [n, H])."""
-    return F.layer_norm(t, (t.shape[-1],), None, None, LN_EPS) * weight + bias
+def _banked_layer_norm(t: Tensor, params: Tensor) -> Tensor:
+    """F.layer_norm with a per-token affine (params [n, 2, H]: weight, bias)."""
+    return F.layer_norm(t, (t.shape[-1],), None, None, LN_EPS) * params[:, 0] + params[:, 1]
 
 
-def banked_compose(w: dict, act: str, s: Tensor, r: Tensor, slots: Tensor) -> Tensor:
+def banked_activation(activations: tuple[str, ...], codes: Tensor, z: Tensor) -> Tensor:
+    """Each token's own activation of z [n, d]: activations[codes[i]] for token i."""
+    a = activation(activations[0])(z)
+    for code, name in enumerate(activations[1:], 1):
+        a = torch.where(codes[:, None] == code, activation(name)(z), a)
+    return a
+
+
+def banked_compose(w: dict, activations: tuple[str, ...], s: Tensor, r: Tensor, slots: Tensor) -> Tensor:
     """compose([a_i], s_i, r_i) for every token i at once, a_i = the adapter in slot slots[i];
     s, r [n, H] -> h [n, H]; tokens whose slot holds no adapter get s + r."""
-    flag = {name: w[name][slots][:, None] for name in (*FLAGS, "present")}  # [n, 1] bool each
-    par = flag["is_parallel"]
-    x_seq = torch.where(flag["original_ln_before"], s + r, s)
+    table = w["flags"][slots]  # [n, columns] bool: one gather for every flag
+
+    def flag(name: str) -> Tensor:  # [n, 1]
+        return table[:, COLUMN[name], None]
+
+    par = flag("is_parallel")
+    x_seq = torch.where(flag("original_ln_before"), s + r, s)
     x = torch.where(par, r, x_seq)
-    ares = torch.where(par, r, torch.where(flag["residual_before_ln"], s, x_seq))
+    ares = torch.where(par, r, torch.where(flag("residual_before_ln"), s, x_seq))
     if "ln_before" in w:
-        lw, lb, has = w["ln_before"]
-        x = torch.where(has[slots][:, None], _banked_layer_norm(x, lw[slots], lb[slots]), x)
+        x = torch.where(flag("ln_before"), _banked_layer_norm(x, w["ln_before"][slots]), x)
     z = torch.bmm(w["down"][slots], materialized(x)[:, :, None])[:, :, 0] + w["down_bias"][slots]  # [n, d]
-    a = materialized(activation(act)(z))
+    a = materialized(banked_activation(activations, w["activation"][slots], z))
     up = (torch.bmm(w["up"][slots], a[:, :, None])[:, :, 0] + w["up_bias"][slots]) * w["scaling"][slots]
-    residual_first = flag["adapter_residual_before_ln"] & ~par
+    residual_first = flag("adapter_residual_before_ln") & ~par
     t = torch.where(residual_first, up + ares, up)
     if "ln_after" in w:
-        lw, lb, has = w["ln_after"]
-        t = torch.where(has[slots][:, None], _banked_layer_norm(t, lw[slots], lb[slots]), t)
+        t = torch.where(flag("ln_after"), _banked_layer_norm(t, w["ln_after"][slots]), t)
     out = torch.where(residual_first | par, t, t + ares)
-    keep_r = flag["original_ln_after"]
+    keep_r = flag("original_ln_after")
     h = torch.where(par, torch.where(keep_r, out + s + r, out + s), torch.where(keep_r, out + r, out))
-    return torch.where(flag["present"], h, s + r)
+    return torch.where(flag("present"), h, s + r)
 
 
 class BottleneckBank:
+    """Per site one table of every slot's adapter, whatever its activation and width: a step
+    runs one gathered pass per site (a pass per activation cost the mixed batch ~40 % more,
+    profiled), and each site is a handful of tensors (each is a guard of the compiled step)."""
+
     kind = "bottleneck"
 
     def __init__(self, info, capacity: int, device: torch.device, dtype: torch.dtype):
         self.info, self.capacity, self.device, self.dtype = info, capacity, device, dtype
-        self.sites: dict[tuple[tuple[int, str], str], dict] = {}  # ((layer, location), activation) -> tensors
+        self.sites: dict[tuple[int, str], dict] = {}  # (layer, location) -> tensors
+        self.activations: dict[tuple[int, str], tuple[str, ...]] = {}  # site -> names, by activation code
         self.held: dict[int, dict] = {}  # slot -> {(layer, location): Bottleneck}
 
     @staticmethod
@@ -158,36 +174,39 @@ class BottleneckBank:
         return all(b.gate is None for b in adapter.bottleneck.values())
 
     def signature(self) -> tuple:
-        return tuple(sorted((key, tuple(w["down"].shape), "ln_before" in w, "ln_after" in w)
-                            for key, w in self.sites.items()))
+        return tuple(sorted((site, tuple(w["down"].shape), self.activations[site], "ln_before" in w, "ln_after" in w)
+                            for site, w in self.sites.items()))
 
-    def _tensors(self, key, d: int, H: int, ln_before: bool, ln_after: bool) -> dict:
-        w = self.sites.get(key)
+    def _tensors(self, site, d: int, H: int, ln_before: bool, ln_after: bool) -> dict:
+        w = self.sites.get(site)
         C, kw = self.capacity, {"device": self.device, "dtype": self.dtype}
         if w is None or w["down"].shape[1] < d:  # new, or wider: grow (zero padding is exact)
             grown = {"down": torch.zeros(C, d, H, **kw), "down_bias": torch.zeros(C, d, **kw),
                      "up": torch.zeros(C, H, d, **kw), "up_bias": torch.zeros(C, H, **kw),
-                     "scaling": torch.ones(C, H, **kw),
-                     **{name: torch.zeros(C, dtype=torch.bool, device=self.device) for name in (*FLAGS, "present")}}
+                     "scaling": torch.ones(C, H, **kw), "activation": torch.zeros(C, dtype=torch.long, device=self.device),
+                     "flags": torch.zeros(C, len(COLUMN), dtype=torch.bool, device=self.device)}
             if w is not None:
                 old = w["down"].shape[1]
                 grown["down"][:, :old], grown["down_bias"][:, :old], grown["up"][:, :, :old] = \
                     w["down"], w["down_bias"], w["up"]
-                for name, value in w.items():
-                    if name not in ("down", "down_bias", "up"):
-                        grown[name] = value
-            w = self.sites[key] = grown
+                grown.update({name: value for name, value in w.items() if name not in ("down", "down_bias", "up")})
+            w = self.sites[site] = grown
         for name, needed in (("ln_before", ln_before), ("ln_after", ln_after)):
             if needed and name not in w:
-                w[name] = (torch.ones(C, H, **kw), torch.zeros(C, H, **kw),
-                           torch.zeros(C, dtype=torch.bool, device=self.device))
+                w[name] = torch.stack([torch.ones(C, H, **kw), torch.zeros(C, H, **kw)], dim=1)  # [C, 2, H]
         return w
+
+    def _activation_code(self, site, name: str) -> int:
+        names = self.activations.get(site, ())
+        if name not in names:
+            self.activations[site] = names = names + (name,)
+        return names.index(name)
 
     def write(self, slot: int, adapter: Adapter) -> None:
         self.held[slot] = dict(adapter.bottleneck)
         for site, b in adapter.bottleneck.items():
             d, H = b.down_weight.shape[0], self.info.hidden_size
-            w = self._tensors((site, b.activation.lower()), d, H, b.ln_before is not None, b.ln_after is not None)
+            w = self._tensors(site, d, H, b.ln_before is not None, b.ln_after is not None)
             self._zero(w, slot)
             w["down"][slot, :d] = b.down_weight
             w["up"][slot, :, :d] = b.up_weight
@@ -196,42 +215,39 @@ class BottleneckBank:
             if b.up_bias is not None:
                 w["up_bias"][slot] = b.up_bias
             w["scaling"][slot] = torch.as_tensor(b.scaling, dtype=self.dtype, device=self.device).expand(H)
+            w["activation"][slot] = self._activation_code(site, b.activation.lower())
             for name in FLAGS:
-                w[name][slot] = getattr(b, name) is True
-            w["present"][slot] = True
+                w["flags"][slot, COLUMN[name]] = getattr(b, name) is True
+            w["flags"][slot, COLUMN["present"]] = True
             for name in ("ln_before", "ln_after"):
-                if getattr(b, name) is not None:
-                    lw, lb, has = w[name]
-                    lw[slot], lb[slot], has[slot] = getattr(b, name)[0], getattr(b, name)[1], True
+                if (params := getattr(b, name)) is not None:
+                    w[name][slot, 0], w[name][slot, 1] = params
+                    w["flags"][slot, COLUMN[name]] = True
 
     def _zero(self, w: dict, slot: int) -> None:
         for name, value in w.items():
             if name in ("ln_before", "ln_after"):
-                value[0][slot], value[1][slot], value[2][slot] = 1.0, 0.0, False
+                value[slot, 0], value[slot, 1] = 1.0, 0.0
             elif name == "scaling":
                 value[slot] = 1.0
             else:
                 value[slot] = 0
 
     def clear(self, slot: int) -> None:
-        for site, b in self.held.pop(slot, {}).items():
-            if (site, b.activation.lower()) in self.sites:
-                self._zero(self.sites[(site, b.activation.lower())], slot)
+        for site in self.held.pop(slot, {}):
+            if site in self.sites:
+                self._zero(self.sites[site], slot)
 
     def active_sites(self, slots) -> set:
         return {site for s in slots for site in self.held.get(s, {})}
 
     def residual(self, site, s: Tensor, r: Tensor, slots: Tensor, groups) -> Tensor | None:
         """The new hidden state at `site`, or None if no banked adapter acts there."""
-        keys = [key for key in self.sites if key[0] == site]
-        if not keys:
+        w = self.sites.get(site)
+        if w is None:
             return None
         if groups is None:
-            h = None
-            for key in keys:  # a token's adapter is in one activation's bank; the others keep s + r
-                out = banked_compose(self.sites[key], key[1], s, r, slots)
-                h = out if h is None else torch.where(self.sites[key]["present"][slots][:, None], out, h)
-            return h
+            return banked_compose(w, self.activations[site], s, r, slots)
         h = s + r
         for slot, tokens in groups:
             b = self.held.get(slot, {}).get(site)
