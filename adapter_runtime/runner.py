@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .banks import AdapterBanks
 from .batch import ForwardBatch, MergedAdapter, RowSpan, Setup, banked_adapter, build_adapter_step
+from .methods import lower_materialize
 from .methods import prefix as prefix_method
 from .models.common import KVCache, prepack
 from .scheduler import StepPlan
@@ -88,6 +89,7 @@ class ModelRunner:
         self.kv_round = 16
         self._compiled = None
         if compile:
+            lower_materialize()
             self._compiled = torch.compile(model, dynamic=False)
         self._ready: set = set()  # variants of the static step that are compiled
         self._compiling: dict = {}  # variant -> a step's batch of it, waiting for (or in) the compile thread

@@ -122,3 +122,26 @@ def test_a_compiling_engine_keeps_its_start_up_objects_out_of_full_collections(l
     finally:
         engine.stop()
     assert gc.get_freeze_count() == 0
+
+
+def test_a_bank_input_is_stored_inside_the_fused_kernel_not_by_an_opaque_call():
+    """`materialized` must keep a GELU from being recomputed per output element without
+    splitting the site into separate kernels around an opaque call (methods.lower_materialize)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from adapter_runtime.methods import lower_materialize, materialized
+
+    lower_materialize()
+    weights = torch.randn(5, 8, 16)
+
+    def site(z: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        a = materialized(torch.nn.functional.gelu(z))  # [n, 16]
+        return torch.bmm(weights[slots], a[:, :, None])[:, :, 0]  # [n, 8]
+
+    z, slots = torch.randn(3, 16), torch.tensor([0, 4, 2])
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(site, dynamic=False), z, slots)
+    assert torch.allclose(out, site(z, slots), atol=1e-5)
+    calls = "".join(code).split("def call(")[-1]
+    assert "adapter_server.stored.default(" not in calls, "the stored input runs as an opaque call"
+    assert calls.count("cpp_fused_") == 1, "the site is split into several kernels"
