@@ -50,6 +50,7 @@ class AdapterBanks:
         self._slots: OrderedDict[tuple, tuple[int, Adapter]] = OrderedDict()  # key -> (slot, adapter), LRU order
         self._free = list(range(self.capacity - 1, 0, -1))  # pop() takes the lowest
         self._bankable: OrderedDict[tuple, bool] = OrderedDict()  # adapter_key -> bankable(adapter)
+        self.generation = 0  # counts every change of what the slots hold (a step built earlier is stale)
 
     def bankable(self, adapter: Adapter) -> bool:
         """`bankable(adapter)`, remembered by content identity: every step asks it of every row,
@@ -89,6 +90,7 @@ class AdapterBanks:
                 bank.clear(slot)
             self._free.append(slot)
         slot = self._free.pop()
+        self.generation += 1
         try:
             for bank in self.banks.values():
                 bank.write(slot, adapter)
@@ -107,6 +109,7 @@ class AdapterBanks:
     def drop(self, adapter: Adapter) -> None:
         entry = self._slots.pop(adapter_key(adapter), None)
         if entry is not None:
+            self.generation += 1
             for bank in self.banks.values():
                 bank.clear(entry[0])
             self._free.append(entry[0])

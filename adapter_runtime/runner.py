@@ -101,6 +101,7 @@ class ModelRunner:
         # those and every other (prefill / mixed) step
         self.steps = {"static": 0, "compiled": 0, "static_eager": 0, "eager": 0}
         self.memo: dict = {}  # DoRA factors; cleared whenever base weights change
+        self._last_step: tuple | None = None  # (key, setups, AdapterStep, prefix ranges) of the last decode step
         self.refresh_weights()
 
     def refresh_weights(self) -> None:
@@ -140,9 +141,8 @@ class ModelRunner:
             k = n if e else 1
             logit_rows.append(list(range(m, m + k)))
             m += k
-        adapters = build_adapter_step(list(setups) + [()] * pad, counts, self.device, banks=self.banks, merged=merged,
-                                      static=bool(static), memo=self.memo, done=done + [10**9] * pad,
-                                      logit_rows=logit_rows)
+        adapters, hidden = self._adapter_step(list(setups) + [()] * pad, counts, merged, bool(static),
+                                              done + [10**9] * pad, logit_rows)
         if pad:
             tokens += [[0]] * pad
             positions += [[0]] * pad
@@ -150,7 +150,7 @@ class ModelRunner:
             slots += [self.scratch_slot] * pad
         batch = ForwardBatch.build(
             tokens, positions, slots, starts, self.device, adapters=adapters, all_logits=every + [False] * pad,
-            prefix_hidden=prefix_method.hidden_ranges(setups + [()] * pad, self.info.num_layers, self.device),
+            prefix_hidden=hidden,
             kv_round=self.kv_round if static and self.compile else 1, read_slots=self._read_slots(slots, pad) if pad else None,
             max_kv=self.cache.max_len,
         )
@@ -159,6 +159,25 @@ class ModelRunner:
             place = {b: i for i, b in enumerate(order)}
             logits = logits[[m for b in range(len(order)) for m in logit_rows[place[b]]]]
         return logits[: logits.shape[0] - pad] if pad else logits
+
+    def _adapter_step(self, setups: list, counts: list[int], merged, static: bool, done: list[int], logit_rows):
+        """The step's AdapterStep and prefix-hidden ranges. A decode-only step whose rows keep
+        the setups of the previous one (the usual case: the same requests, one token further)
+        reuses its answer while the banks hold the same slots: building it walks every row's
+        adapter and makes the index tensors (~0.5 ms of a 32-LoRA step, profiled)."""
+        key = None
+        if static and merged is None:  # decode rows only: no prompt vectors, no merge to undo
+            key = (self.banks.generation, tuple(map(id, setups)))
+            if self._last_step is not None and self._last_step[0] == key:
+                return self._last_step[2], self._last_step[3]
+        adapters = build_adapter_step(setups, counts, self.device, banks=self.banks, merged=merged, static=static,
+                                      memo=self.memo, done=done, logit_rows=logit_rows)
+        hidden = prefix_method.hidden_ranges(setups, self.info.num_layers, self.device)
+        if key is not None:  # keyed by the banks as this build left them (it may have written slots)
+            key = (self.banks.generation, key[1])
+        # the setups stay referenced with the key, so that no other object can take their ids
+        self._last_step = (key, setups, adapters, hidden) if key is not None else None
+        return adapters, hidden
 
     def _read_slots(self, slots: list[int], pad: int) -> list[int]:
         """Real rows read their own slots; padding rows read the next slots when the real rows

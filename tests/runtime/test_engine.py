@@ -262,3 +262,32 @@ def test_a_group_whose_leader_is_cancelled_still_answers(pair):
         blocker.result(TIMEOUT)
         got = follower.result(TIMEOUT).token_ids
         assert got == engine.submit(Request(prompt, params[1])).result(TIMEOUT).token_ids
+
+
+def test_a_decode_step_reuses_its_adapter_step_only_while_its_rows_and_bank_slots_stay(pair):
+    from adapter_runtime.models.common import KVCache
+    from adapter_runtime.runner import _PLAIN, ModelRunner, RowState
+    from adapter_runtime.scheduler import Sequence, StepPlan
+
+    _, loaded = pair
+    info = loaded.info
+    runner = ModelRunner(loaded.model, KVCache(info, 4, 16, torch.float32, torch.device("cpu")), bank_capacity=3)
+    module, (n_in, n_out) = next(iter(info.linear_shapes.items()))
+    a, b = (Adapter(n, "peft", "lora", {}, linear={(0, module): LoRA(torch.randn(2, n_in), torch.randn(n_out, 2), 1.0)})
+            for n in "ab")
+    seqs = [Sequence(None, 1, slot=i, computed=1) for i in range(2)]
+    rows = {id(s): RowState([0], (x,), _PLAIN, False) for s, x in zip(seqs, (a, b))}
+
+    def step():
+        runner.execute(StepPlan(decode=seqs), rows, None)
+        return runner._last_step[2]
+
+    first = step()
+    assert step() is first  # same rows, same slots: reused
+    runner.banks.drop(a)  # a leaves the banks; the next step writes it again
+    runner.banks.slot(Adapter("c", "peft", "lora", {}, linear=dict(b.linear)))  # and c takes a slot first
+    rebuilt = step()
+    assert rebuilt is not first
+    assert rebuilt.slots.tolist() == [runner.banks.peek(a), runner.banks.peek(b)] != first.slots.tolist()
+    rows[id(seqs[1])] = RowState([0], (), _PLAIN, False)  # a row's setup changes: built anew
+    assert step() is not rebuilt
