@@ -5,8 +5,8 @@ forward: x = [x1 | x2] with x1 = x[..., :H//2];  y1 = x1 + F(x2);  y2 = x2 + G(y
 inverse: x2 = y2 - G(y1);  x1 = y1 - F(x2)
 F(z) = f2(act(f0(z))), G(z) = g2(act(g0(z))).
 
-Bank: per activation the four linears of every adapter, one slot each (hidden widths
-zero-padded); tokens whose slot has no invertible adapter keep their embedding (`torch.where`).
+Bank: the four linears of every adapter and its activation (a code), one slot each (hidden
+widths zero-padded); tokens whose slot has no invertible adapter keep their embedding (`torch.where`).
 The inverse only runs inside flex LM heads, which take the side path.
 """
 
@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..adapters import Adapter, Invertible
 from . import materialized
-from .bottleneck import activation
+from .bottleneck import activation, banked_activation
 
 PARTS = ("f0", "f2", "g0", "g2")
 
@@ -47,29 +47,35 @@ def inverse(inv: Invertible, y: Tensor) -> Tensor:
     return torch.cat([x1, x2], dim=-1)
 
 
-def _banked_mlp(w: dict, first: str, second: str, act: str, z: Tensor, slots: Tensor) -> Tensor:
+def _banked_mlp(w: dict, first: str, second: str, activations: tuple[str, ...], codes: Tensor, z: Tensor,
+                slots: Tensor) -> Tensor:
     # both inputs stored first: z (the embedding slice, or x1 + F(x2)) would otherwise be recomputed
     # once per hidden unit (the invertible site cost ~1.2 ms of a 10 ms step, ~0.2 ms stored; replayed)
     hidden = torch.bmm(w[first][slots], materialized(z)[:, :, None])[:, :, 0] + w[first + "_bias"][slots]
-    a = materialized(activation(act)(hidden))
+    a = materialized(banked_activation(activations, codes, hidden))
     return torch.bmm(w[second][slots], a[:, :, None])[:, :, 0] + w[second + "_bias"][slots]
 
 
-def banked_forward(w: dict, act: str, x: Tensor, slots: Tensor) -> Tensor:
+def banked_forward(w: dict, activations: tuple[str, ...], x: Tensor, slots: Tensor) -> Tensor:
     """forward(inv_i, x_i) for every token i (inv_i = the adapter in slot slots[i]); x [n, H]."""
     half = x.shape[-1] // 2
     x1, x2 = x[:, :half], x[:, half:]
-    y1 = x1 + _banked_mlp(w, "f0", "f2", act, x2, slots)
-    y2 = x2 + _banked_mlp(w, "g0", "g2", act, y1, slots)
+    codes = w["activation"][slots]
+    y1 = x1 + _banked_mlp(w, "f0", "f2", activations, codes, x2, slots)
+    y2 = x2 + _banked_mlp(w, "g0", "g2", activations, codes, y1, slots)
     return torch.where(w["present"][slots][:, None], torch.cat([y1, y2], dim=-1), x)
 
 
 class InvertibleBank:
+    """One table for every slot's coupling, whatever its activation (a code per slot, as the
+    bottleneck bank) and hidden widths (zero-padded to the widest): one gathered pass."""
+
     kind = "invertible"
 
     def __init__(self, info, capacity: int, device: torch.device, dtype: torch.dtype):
         self.info, self.capacity, self.device, self.dtype = info, capacity, device, dtype
-        self.sites: dict[str, dict] = {}  # activation -> tensors
+        self.weights: dict | None = None  # part -> [slots, ...] tensors, "activation" codes, "present"
+        self.activations: tuple[str, ...] = ()  # names, by activation code
         self.held: dict[int, Invertible] = {}
 
     @staticmethod
@@ -77,7 +83,32 @@ class InvertibleBank:
         return True
 
     def signature(self) -> tuple:
-        return tuple(sorted((act, tuple(w["f0"].shape), tuple(w["g0"].shape)) for act, w in self.sites.items()))
+        w = self.weights
+        return () if w is None else (self.activations, tuple(w["f0"].shape), tuple(w["g0"].shape))
+
+    def _tensors(self, inv: Invertible) -> dict:
+        """The table, grown if this adapter's hidden widths are wider (zero padding is exact)."""
+        w = self.weights
+        widths = {p: getattr(inv, p + "_weight").shape[0] for p in ("f0", "g0")}
+        if w is not None and all(w[p].shape[1] >= widths[p] for p in widths):
+            return w
+        C, kw = self.capacity, {"device": self.device, "dtype": self.dtype}
+        grown = {"present": torch.zeros(C, dtype=torch.bool, device=self.device),
+                 "activation": torch.zeros(C, dtype=torch.long, device=self.device)}
+        for first, second in (("f0", "f2"), ("g0", "g2")):
+            width = max(widths[first], w[first].shape[1] if w is not None else 0)
+            inp = getattr(inv, first + "_weight").shape[1]
+            out = getattr(inv, second + "_weight").shape[0]
+            grown[first], grown[first + "_bias"] = torch.zeros(C, width, inp, **kw), torch.zeros(C, width, **kw)
+            grown[second], grown[second + "_bias"] = torch.zeros(C, out, width, **kw), torch.zeros(C, out, **kw)
+            if w is not None:
+                old = w[first].shape[1]
+                grown[first][:, :old], grown[first + "_bias"][:, :old] = w[first], w[first + "_bias"]
+                grown[second][:, :, :old], grown[second + "_bias"][:] = w[second], w[second + "_bias"]
+        if w is not None:
+            grown["present"][:], grown["activation"][:] = w["present"], w["activation"]
+        self.weights = grown
+        return grown
 
     def write(self, slot: int, adapter: Adapter) -> None:
         inv = adapter.invertible
@@ -88,26 +119,7 @@ class InvertibleBank:
                 (H - H // 2, H // 2, H // 2, H - H // 2):
             raise ValueError(f"invertible adapter does not fit hidden size {H}")
         self.held[slot] = inv
-        act = inv.activation.lower()
-        w = self.sites.get(act)
-        widths = {p: getattr(inv, p + "_weight").shape[0] if p.endswith("0") else getattr(inv, p + "_weight").shape[1]
-                  for p in ("f0", "g0")}
-        if w is None or any(w[p].shape[1] < widths[p] for p in widths):
-            C, kw = self.capacity, {"device": self.device, "dtype": self.dtype}
-            grown = {"present": torch.zeros(C, dtype=torch.bool, device=self.device)}
-            for first, second in (("f0", "f2"), ("g0", "g2")):
-                width = max(widths[first], w[first].shape[1] if w is not None else 0)
-                inp = getattr(inv, first + "_weight").shape[1]
-                out = getattr(inv, second + "_weight").shape[0]
-                grown[first], grown[first + "_bias"] = torch.zeros(C, width, inp, **kw), torch.zeros(C, width, **kw)
-                grown[second], grown[second + "_bias"] = torch.zeros(C, out, width, **kw), torch.zeros(C, out, **kw)
-                if w is not None:
-                    old = w[first].shape[1]
-                    grown[first][:, :old], grown[first + "_bias"][:, :old] = w[first], w[first + "_bias"]
-                    grown[second][:, :, :old], grown[second + "_bias"][:] = w[second], w[second + "_bias"]
-            if w is not None:
-                grown["present"][:] = w["present"]
-            w = self.sites[act] = grown
+        w = self._tensors(inv)
         self._zero(w, slot)
         for first, second in (("f0", "f2"), ("g0", "g2")):
             width = getattr(inv, first + "_weight").shape[0]
@@ -115,6 +127,10 @@ class InvertibleBank:
             w[first + "_bias"][slot, :width] = getattr(inv, first + "_bias")
             w[second][slot, :, :width] = getattr(inv, second + "_weight")
             w[second + "_bias"][slot] = getattr(inv, second + "_bias")
+        name = inv.activation.lower()
+        if name not in self.activations:
+            self.activations += (name,)
+        w["activation"][slot] = self.activations.index(name)
         w["present"][slot] = True
 
     @staticmethod
@@ -123,20 +139,17 @@ class InvertibleBank:
             value[slot] = 0
 
     def clear(self, slot: int) -> None:
-        inv = self.held.pop(slot, None)
-        if inv is not None and inv.activation.lower() in self.sites:
-            self._zero(self.sites[inv.activation.lower()], slot)
+        if self.held.pop(slot, None) is not None and self.weights is not None:
+            self._zero(self.weights, slot)
 
     def active_sites(self, slots) -> set:
         return {"embeddings" for s in slots if s in self.held}
 
     def embeddings(self, h: Tensor, slots: Tensor, groups) -> Tensor:
-        if not self.sites:
+        if self.weights is None:
             return h
         if groups is None:
-            for act, w in self.sites.items():
-                h = banked_forward(w, act, h, slots)
-            return h
+            return banked_forward(self.weights, self.activations, h, slots)
         for slot, tokens in groups:
             if (inv := self.held.get(slot)) is not None:
                 h[tokens] = forward(inv, h[tokens])
