@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -48,6 +48,15 @@ class RowState:
         self.tokens.append(self.last)
         first = max(0, computed - self.layout.recompute)
         return first, self.tokens[first : computed + 1]
+
+
+class ReusedStep(NamedTuple):
+    """The last decode step's adapter part, kept for the next step with the same rows."""
+
+    key: tuple  # (banks.generation after the build, ids of the rows' setups)
+    setups: list  # held, so that no other object can take their ids meanwhile
+    adapters: object  # batch.AdapterStep
+    hidden: dict  # prefix_method.hidden_ranges
 
 
 def freeze_heap() -> None:
@@ -101,7 +110,7 @@ class ModelRunner:
         # those and every other (prefill / mixed) step
         self.steps = {"static": 0, "compiled": 0, "static_eager": 0, "eager": 0}
         self.memo: dict = {}  # DoRA factors; cleared whenever base weights change
-        self._last_step: tuple | None = None  # (key, setups, AdapterStep, prefix ranges) of the last decode step
+        self._last_step: ReusedStep | None = None
         self.refresh_weights()
 
     def refresh_weights(self) -> None:
@@ -165,18 +174,16 @@ class ModelRunner:
         the setups of the previous one (the usual case: the same requests, one token further)
         reuses its answer while the banks hold the same slots: building it walks every row's
         adapter and makes the index tensors (~0.5 ms of a 32-LoRA step, profiled)."""
-        key = None
-        if static and merged is None:  # decode rows only: no prompt vectors, no merge to undo
-            key = (self.banks.generation, tuple(map(id, setups)))
-            if self._last_step is not None and self._last_step[0] == key:
-                return self._last_step[2], self._last_step[3]
+        reusable = static and merged is None  # decode rows only: no prompt vectors, no merge to undo
+        ids = tuple(map(id, setups))
+        last = self._last_step
+        if reusable and last is not None and last.key == (self.banks.generation, ids):
+            return last.adapters, last.hidden
         adapters = build_adapter_step(setups, counts, self.device, banks=self.banks, merged=merged, static=static,
                                       memo=self.memo, done=done, logit_rows=logit_rows)
         hidden = prefix_method.hidden_ranges(setups, self.info.num_layers, self.device)
-        if key is not None:  # keyed by the banks as this build left them (it may have written slots)
-            key = (self.banks.generation, key[1])
-        # the setups stay referenced with the key, so that no other object can take their ids
-        self._last_step = (key, setups, adapters, hidden) if key is not None else None
+        # keyed by the banks as this build left them (it may have written slots)
+        self._last_step = ReusedStep((self.banks.generation, ids), setups, adapters, hidden) if reusable else None
         return adapters, hidden
 
     def _read_slots(self, slots: list[int], pad: int) -> list[int]:

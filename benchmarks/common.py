@@ -137,6 +137,19 @@ def run_engine(engine: TimedEngine, batch: list[list[int]], max_tokens: int, set
     return EngineRun(wall, tokens, engine.decode_s, engine.decode_tokens)
 
 
+def warm_until_compiled(engine, workload, attempts: int = 4) -> None:
+    """Run `workload()` until a run has no decode step waiting for a compile of its variant
+    (a background compile shares the CPU with whatever is timed next), waiting for the
+    compiles each run queued."""
+    runner = engine.runner
+    for _ in range(attempts):
+        before = runner.steps["static_eager"]
+        workload()
+        runner.wait_compiled()
+        if runner.steps["static_eager"] == before:
+            return
+
+
 def on_compute_thread(fn):
     """fn() on a fresh thread with the engine worker's torch thread count, so that a peer gets
     the same CPUs our worker does (the main thread is single-threaded: adapter_runtime/threads.py);

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from .common import (ServerProcess, header, hf_base, make_engine, ours_from, params, percentile, prompts,
-                     save_checkpoint, save_peft_loras, save_peft_prefix, table)
+                     save_checkpoint, save_peft_loras, save_peft_prefix, table, warm_until_compiled)
 
 NAME = "lifecycle"
 REGISTERED = 1024
@@ -225,13 +225,11 @@ def registered_throughput(root: Path, loaded, lora_dir: Path, quick: bool) -> st
         per_client, reps = (2, 1) if quick else (2, 3)
         single = plans_for(None, per_client, 7, "a0000")
         many = plans_for(names, per_client, 7, "a0000")
-        for _ in range(4):  # warm up until no decode step waits for a compile (a compile shares the CPU)
-            before = engine.runner.steps["static_eager"]
+        def warm_up():
             closed_loop(engine, fresh_registry(loaded, engine, root / "store-1"), plans_for(None, 1, 3, "a0000"), prompt)
             closed_loop(engine, fresh_registry(loaded, engine, root / "store-1024"), plans_for(names, 1, 3, ""), prompt)
-            engine.runner.wait_compiled()
-            if engine.runner.steps["static_eager"] == before:
-                break
+
+        warm_until_compiled(engine, warm_up)
         runs = {"1": [], "1024": []}
         for _ in range(reps):  # interleaved, best of `reps`; a fresh (cold) registry each time
             runs["1"].append(closed_loop(engine, fresh_registry(loaded, engine, root / "store-1"), single, prompt))

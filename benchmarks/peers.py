@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from .common import (SMALL_VOCAB, Request, header, hf_base, hf_generate, make_engine, ours_from, params, prompts,
-                     save_checkpoint, save_peft_loras, table)
+                     save_checkpoint, save_peft_loras, table, warm_until_compiled)
 
 NAME = "peers"
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,12 +47,7 @@ def ours_rate(engine, batch, n, setups=None, reps=3) -> tuple[float, str]:
             assert h.result(timeout=900).completion_tokens == k
         return time.perf_counter() - t
 
-    for _ in range(4):
-        before = runner.steps["static_eager"]
-        wall(n)
-        runner.wait_compiled()
-        if runner.steps["static_eager"] == before:
-            break
+    warm_until_compiled(engine, lambda: wall(n))
     start = dict(runner.steps)
     one = min(wall(1) for _ in range(reps))
     full = min(wall(n) for _ in range(reps))

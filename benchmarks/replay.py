@@ -27,20 +27,23 @@ import torch
 
 from .adapter_overhead import make_adapterhub_adapters, make_peft_adapters, mixed_names
 from .common import (SMALL_VOCAB, Request, header, hf_base, make_engine, ours_from, params, prompts,
-                     save_peft_loras, table)
-from .peers import ours_rate
+                     save_peft_loras, table, warm_until_compiled)
 
 
 def capture(engine, batch, setups) -> object:
     """The widest compiled decode step of the workload, its KV writes sent to the scratch slot."""
     runner = engine.runner
-    ours_rate(engine, batch, 16, setups, reps=1)  # every variant of the workload compiled
+
+    def workload(tokens=16):
+        for h in [engine.submit(Request(tuple(p), params(tokens), s)) for p, s in zip(batch, setups)]:
+            h.result(timeout=900)
+
+    warm_until_compiled(engine, workload)  # every variant of the workload compiled
     seen = []
     run = runner._run_compiled
     runner._run_compiled = lambda b: (seen.append(b), run(b))[1]
     try:
-        for h in [engine.submit(Request(tuple(p), params(8), s)) for p, s in zip(batch, setups)]:
-            h.result(timeout=900)
+        workload(8)
     finally:
         del runner._run_compiled
     step = max(seen, key=lambda b: b.num_tokens)

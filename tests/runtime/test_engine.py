@@ -280,7 +280,7 @@ def test_a_decode_step_reuses_its_adapter_step_only_while_its_rows_and_bank_slot
 
     def step():
         runner.execute(StepPlan(decode=seqs), rows, None)
-        return runner._last_step[2]
+        return runner._last_step.adapters
 
     first = step()
     assert step() is first  # same rows, same slots: reused
