@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
-from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention, linear_shapes
+from .common import CausalLM, KVCache, ModelInfo, Projections, attention_masks, cached_attention, linear_shapes
 
 # checkpoint keys (suffixes) whose tensors are Conv1D [in, out] and are transposed at load
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -116,7 +116,7 @@ class GPT2Body(nn.Module):
         self.ln_f = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_eps)
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLM):
     def __init__(self, config):
         super().__init__()
         self.config = config  # the checkpoint's HF config (the store fingerprints it)
@@ -169,4 +169,4 @@ class GPT2LMHeadModel(nn.Module):
         for block, layer_masks in zip(t.h, masks):
             h = block(h, layer_masks, batch, cache)
         h = t.ln_f(h[batch.logits_index])  # [M, H]
-        return ad.logits(h, self.lm_head)  # flex LM heads of AdapterHub adapters
+        return ad.logits(h, self.project_logits)  # flex LM heads of AdapterHub adapters

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..batch import ForwardBatch
-from .common import KVCache, ModelInfo, Projections, attention_masks, cached_attention, linear_shapes
+from .common import CausalLM, KVCache, ModelInfo, Projections, attention_masks, cached_attention, linear_shapes
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
@@ -197,7 +197,7 @@ class LlamaBody(nn.Module):
         self.rotary = Rotary(config, args)
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
     def __init__(self, config):
         super().__init__()
         self.config = config  # the checkpoint's HF config (the store fingerprints it; RoPE reads it)
@@ -246,4 +246,4 @@ class LlamaForCausalLM(nn.Module):
         for layer, layer_masks in zip(self.model.layers, masks):
             h = layer(h, rope, layer_masks, batch, cache)
         h = self.model.norm(h[batch.logits_index])  # [M, H]
-        return ad.logits(h, self.lm_head)  # flex LM heads of AdapterHub adapters
+        return ad.logits(h, self.project_logits)  # flex LM heads of AdapterHub adapters
