@@ -249,9 +249,12 @@ class ModelRunner:
         """Compile one variant by running it once on a copy of a real step whose rows all write
         to the scratch slot (its output is thrown away); the worker runs eager meanwhile."""
         t = time.perf_counter()
-        scratch = torch.full_like(batch.write_slots, self.scratch_slot)
         try:
             with torch.inference_mode():
+                # made in inference mode, as the worker's tensors are: dynamo guards on a tensor's
+                # dispatch keys, and a normal tensor here made the worker's first real step of every
+                # background-compiled variant recompile it, on the worker (a 2-3 s stall, profiled)
+                scratch = torch.full_like(batch.write_slots, self.scratch_slot)
                 self._run_compiled(replace(batch, write_slots=scratch))
         except Exception:
             log.exception("compiling the static decode step failed; it stays eager")

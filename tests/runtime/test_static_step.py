@@ -144,3 +144,29 @@ def test_a_bank_input_is_stored_inside_the_fused_kernel_not_by_an_opaque_call():
     calls = "".join(code).split("def call(")[-1]
     assert "adapter_server.stored.default(" not in calls, "the stored input runs as an opaque call"
     assert calls.count("cpp_fused_") == 1, "the site is split into several kernels"
+
+
+def test_a_variant_compiled_in_the_background_is_not_compiled_again_by_the_worker(loaded):
+    """Regression: the compile thread ran its copy of a step with a tensor made outside inference
+    mode; dynamo guards on a tensor's dispatch keys, so the worker's real step (inference tensors)
+    failed the guard and compiled the variant again, on the worker, stalling every running
+    request for the whole compile (2-3 s on the benchmark model)."""
+    import threading
+
+    from torch._dynamo.callback import callback_handler
+
+    compiled_on: list[str] = []
+    callback = callback_handler.register_start_callback(
+        lambda _: compiled_on.append(threading.current_thread().name))
+    engine = Engine(loaded, config=EngineConfig(max_batch=2, max_seq_len=64, compile=True))
+    engine.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        for _ in range(2):  # the first request's new variants compile in the background; the second uses them
+            assert engine.submit(Request((1, 2, 3), params)).result(timeout=300).completion_tokens == 4
+            engine.runner.wait_compiled()
+        assert engine.runner.steps["compiled"] > 0
+        assert "compile" in compiled_on and "engine" not in compiled_on
+    finally:
+        engine.stop()
+        callback_handler.remove_start_callback(callback)
