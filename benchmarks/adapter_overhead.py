@@ -13,7 +13,11 @@ SeqBnInv and prefix tuning), their weights randomized, saved to temp dirs and re
         `adapter_names` (PEFT's mixed-batch path)
 
 Ratios (a)..(c) use decode-only tokens/s (time inside batched decode steps); (c)/(d) uses
-end-to-end tokens/s, since PEFT's `generate` cannot be split.
+end-to-end tokens/s, since PEFT's `generate` cannot be split. Ours runs as the server does
+(the compiled static decode step, every scenario timed after its compiles); `--no-compile` for
+the eager engine.
+
+    python -m benchmarks.adapter_overhead [--quick] [--no-compile]
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from .common import (LORA_TARGETS, header, hf_base, hf_generate, make_engine, ours_from, prompts, run_engine, table,
-                     randomize as _randomize)
+                     warm_until_compiled, randomize as _randomize)
 
 NAME = "adapter_overhead"
 
@@ -93,12 +97,12 @@ def mixed_names() -> list[str]:
     return out
 
 
-def run(quick: bool = False) -> str:
+def run(quick: bool = False, compile: bool = True) -> str:
     from adapter_runtime.formats import load_adapter
 
     base = hf_base()
     loaded = ours_from(base)
-    engine = make_engine(loaded, max_batch=32)
+    engine = make_engine(loaded, max_batch=32, compile=compile)  # compiled: the server's default
     tmp = tempfile.TemporaryDirectory(prefix="bench-adapters-")
     try:
         root = Path(tmp.name)
@@ -117,8 +121,8 @@ def run(quick: bool = False) -> str:
             "(b) 32 distinct adapters, 7 types": [(get(n),) for n in mixed_names()],
             "(c) 32 distinct LoRA r=8": [(get(f"lora{i}"),) for i in range(32)],
         }
-        for setups in scenarios.values():  # warm up every path
-            run_engine(engine, batch, 4, setups)
+        for setups in scenarios.values():  # warm up every path (compiled: until none waits for a compile)
+            warm_until_compiled(engine, lambda: run_engine(engine, batch, max_tokens, setups))
         names = [f"lora{i}" for i in range(32)]
         hf_generate(peft_model, batch, 4, adapter_names=names)
         results = {k: [] for k in scenarios}
@@ -137,8 +141,9 @@ def run(quick: bool = False) -> str:
             t = targets.get(k[:3])
             rows.append([k, max(x.tok_s for x in results[k]), r.decode_tok_s, f"{ratio:.2f}x",
                          f">= {t}" if t else "", ("met" if ratio >= t else "MISSED") if t else ""])
+        mode = "compiled static decode step" if compile else "eager (--no-compile)"
         out = [table(f"Issue 3: adapter overhead, batch 32, ~32-token prompts, {max_tokens} new tokens, greedy "
-                     f"(best of {reps}, interleaved)",
+                     f"(best of {reps}, interleaved; ours: {mode})",
                      ["scenario", "e2e tok/s", "decode tok/s", "decode vs base", "target", ""], rows)]
         c = max(x.tok_s for x in results["(c) 32 distinct LoRA r=8"])
         d = max(peft_runs)
@@ -153,5 +158,7 @@ def run(quick: bool = False) -> str:
 
 
 if __name__ == "__main__":
+    import sys
+
     print(header())
-    print(run(quick="--quick" in __import__("sys").argv))
+    print(run(quick="--quick" in sys.argv, compile="--no-compile" not in sys.argv))
