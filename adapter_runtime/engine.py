@@ -36,7 +36,7 @@ from . import merge as merge_ops
 from .batch import Setup
 from .composition import check_reft_prompt
 from .errors import (AdapterConflict, AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest,
-                     ModelLoadError)
+                     ModelLoadError, NonFiniteOutput)
 from .methods import prefix as prefix_method
 from .models import LoadedModel
 from .models.common import KVCache
@@ -480,6 +480,9 @@ class Engine:
         taken = logits[: len(index)] if index == list(range(len(index))) else logits[index]  # [B, V]
         tokens = sampling.choose(taken, [s.sampler for s, _ in takers])
         for (state, i), token in zip(takers, tokens):
+            if token is None:  # NaN / inf logits: fail this request alone, never emit a token from them
+                self._fail(state, non_finite(state, self.runner.dtype))
+                continue
             try:  # a row's logits only for the requests that return logprobs
                 self._accept(state, token, logits[i] if state.params.logprobs is not None else None)
             except Exception as e:
@@ -612,6 +615,16 @@ class Engine:
             seq.payload._push(Event(error=error))
         for state in list(self._active.values()):
             self._fail(state, error)
+
+
+def non_finite(state: _Active, dtype: torch.dtype) -> NonFiniteOutput:
+    """The error of a request whose logits came out NaN or infinite, naming its adapters."""
+    setup = getattr(state.request.setup, "pinned", state.request.setup)  # a composition: every adapter it holds
+    names = ", ".join(dict.fromkeys(repr(n) for a in setup if (n := getattr(a, "name", None))))
+    culprit = f"adapter {names} overflows" if names else "the base model overflows"
+    return NonFiniteOutput(f"the model's output for this request is not finite (NaN or infinity) after "
+                           f"{len(state.output.generated)} generated tokens: {culprit} on this input "
+                           f"(its weights are too large for {str(dtype).removeprefix('torch.')}); no token was sampled from it")
 
 
 def internal_error(request_id: str) -> AdapterRuntimeError:

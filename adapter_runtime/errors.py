@@ -33,6 +33,11 @@ class AdapterConflict(AdapterRuntimeError):
     """The operation conflicts with the adapter's state: duplicate name, cannot merge (409)."""
 
 
+class NonFiniteOutput(AdapterRuntimeError):
+    """The model's output for a request is NaN or infinite: its adapters' finite but huge
+    weights overflow (422). The request fails alone; the others in its batch go on."""
+
+
 class CapacityExceeded(AdapterRuntimeError):
     """The queue or another bounded resource is full; retry later (429)."""
 

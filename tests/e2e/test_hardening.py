@@ -447,6 +447,32 @@ def test_poisoned_adapters_are_refused_at_upload(live, world, tmp_path, how):
     assert "poison" not in live.names()
 
 
+def test_an_adapter_whose_output_overflows_fails_alone_with_a_clear_422(live, world, tmp_path):
+    """Finite but huge weights (1e30) pass the upload checks and overflow in the forward: the
+    request gets a 422 naming the adapter (it got tokens taken from NaN logits, or, sampling,
+    a 500 for everyone in its batch), the store keeps the adapter, the next request is served."""
+    from safetensors.torch import load_file, save_file
+
+    _, root, refs = world
+    out = tmp_path / "huge"
+    out.mkdir()
+    (out / "adapter_config.json").write_text((root / "a" / "adapter_config.json").read_text())
+    save_file({k: v * 1e30 for k, v in load_file(str(root / "a" / "adapter_model.safetensors")).items()},
+              str(out / "adapter_model.safetensors"))
+    assert live.admin.post("/v1/adapters", data={"name": "huge"}, files=files_of(out)).status_code == 201
+    try:
+        for extra in ({}, {"temperature": 1.0, "seed": 3}, {"stream": True}):
+            r = live.complete("huge", **extra)
+            if extra.get("stream"):  # the stream has begun (200): its error arrives as an event
+                assert r.status_code == 200 and "non_finite_output" in r.text and "'huge'" in r.text, r.text
+                continue
+            assert r.status_code == 422, (extra, r.status_code, r.text)
+            assert r.json()["error"]["code"] == "non_finite_output" and "'huge'" in error_of(r), r.text
+        assert live.text(BASE) == decode(refs["base"])
+    finally:
+        live.admin.delete("/v1/adapters/huge")
+
+
 def test_no_response_carries_non_json_numbers():
     from adapter_runtime.engine import TokenLogprob
     from server.routes import logprobs_object, sse_data

@@ -10,7 +10,7 @@ import torch
 
 from adapter_runtime.adapters import Adapter, LoRA, Prefix, Prompt
 from adapter_runtime.engine import Engine, EngineConfig, Request
-from adapter_runtime.errors import AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest
+from adapter_runtime.errors import AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest, NonFiniteOutput
 from tests.support.packed import forward_sequences
 from adapter_runtime.models import load_model
 from adapter_runtime.sampling import Detokenizer, SamplingParams, filter_logits
@@ -291,3 +291,23 @@ def test_a_decode_step_reuses_its_adapter_step_only_while_its_rows_and_bank_slot
     assert rebuilt.slots.tolist() == [runner.banks.peek(a), runner.banks.peek(b)] != first.slots.tolist()
     rows[id(seqs[1])] = RowState([0], (), _PLAIN, False)  # a row's setup changes: built anew
     assert step() is not rebuilt
+
+
+def overflowing_lora(info) -> Adapter:
+    """Finite weights (uploads refuse NaN and infinity) whose delta overflows fp32 to inf/NaN."""
+    module, (n_in, n_out) = next(iter(info.linear_shapes.items()))
+    return Adapter("overflow", "peft", "lora", {}, linear={(0, module): LoRA(torch.full((2, n_in), 1e30),
+                                                                              torch.full((n_out, 2), 1e30), 1.0)})
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_an_adapter_that_overflows_fails_its_request_alone_with_a_clear_error(pair, engine, temperature):
+    """Its logits are NaN: greedy took the NaN's index as a token (a silent wrong output) and
+    sampling raised inside the step, failing every request in the batch with an internal error."""
+    hf, loaded = pair
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=1, ignore_eos=True)
+    bad = engine.submit(Request((1, 2, 3), params, setup=(overflowing_lora(loaded.info),)))
+    good = engine.submit(Request((4, 5, 6), GREEDY))
+    with pytest.raises(NonFiniteOutput, match="not finite.*adapter 'overflow' overflows"):
+        bad.result(TIMEOUT)
+    assert list(good.result(TIMEOUT).token_ids) == hf_greedy(hf, [4, 5, 6], 10)

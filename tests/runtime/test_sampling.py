@@ -165,3 +165,20 @@ def test_logit_bias_out_of_vocabulary_is_refused(served):
     engine = served[0]
     with pytest.raises(InvalidRequest, match="logit_bias token id"):
         engine.submit(Request((1, 2), SamplingParams(logit_bias=((VOCAB, 1.0),))))
+
+
+def test_greedy_picks_the_first_of_tied_maxima_and_flags_rows_that_are_not_finite():
+    """The batched greedy path (one max pass) against a plain loop over each row: the first index
+    of the largest logit, its log-probability; NaN or +inf rows come back as None."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randint(-3, 4, (6, V), generator=g).float()  # few distinct values: ties everywhere
+    logits[4, 7] = float("nan")
+    logits[5, 9] = float("inf")
+    states = [SamplingState(SamplingParams(temperature=0.0), [1], V, EOS, torch.device("cpu")) for _ in range(6)]
+    tokens = choose(logits, states)
+    for b in range(4):
+        row = logits[b].tolist()
+        first_max = row.index(max(row))
+        assert tokens[b] == first_max
+        assert abs(states[b].cumulative_logprob - (row[first_max] - math.log(sum(math.exp(v) for v in row)))) < 1e-5
+    assert tokens[4:] == [None, None]
