@@ -5,7 +5,8 @@ One decode step of each workload (base, 32 distinct LoRAs, 32 adapters of all se
 32, vocabulary 384) is captured from the running engine, its KV writes redirected to the scratch
 slot, and replayed back to back on the worker thread (where the OpenMP pool and the compiled
 variants live), interleaved, min and median over many rounds. `--ablate` adds the all-type step
-with one bank kind left out at a time (what each kind costs), `--profile` prints torch.profiler's
+with one bank kind left out at a time (what each kind costs) and with none (what its prefix
+and prompt rows' longer cache reads cost), `--profile` prints torch.profiler's
 top operators per workload (`TorchDynamo Cache Lookup` is the guard check).
 
     python -m benchmarks.replay [--ablate] [--profile] [--rounds 25]
@@ -106,7 +107,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.replay", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=25)
-    ap.add_argument("--ablate", action="store_true", help="also the all-type step without each bank kind")
+    ap.add_argument("--ablate", action="store_true", help="also the all-type step without each bank kind, and with none")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top operators per workload")
     args = ap.parse_args()
     import logging
@@ -140,6 +141,8 @@ def main() -> None:
                 for kind in mix.adapters.active:
                     active = {k: v for k, v in mix.adapters.active.items() if k != kind}
                     steps[f"all seven types without {kind}"] = replace(mix, adapters=replace(mix.adapters, active=active))
+                # what is left with every bank off: the prefix / prompt rows' longer cache reads
+                steps["all seven types, no bank kind"] = replace(mix, adapters=replace(mix.adapters, active={}))
             times = replay(engine, steps, args.rounds)
             base = min(times["base"])
             rows = [[k, min(v), statistics.median(v), f"{min(v) / base:.2f}x", f"{base / min(v):.2f}x"]
