@@ -251,13 +251,13 @@ def choose(logits: Tensor, states: Sequence[SamplingState]) -> list[int | None]:
     # ~2.5x slower on the CPU at [31, 32000], profiled); log_softmax beat logsumexp there too
     peak, best = logits.max(-1)  # [B]
     if all(s.params.greedy for s in states):
-        chosen = best if processed is logits else processed.argmax(-1)  # [B]
+        chosen = best if processed is logits else processed.max(-1).indices  # [B]
         logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
         ids, logprobs, finite = torch.stack([chosen.double(), logprobs.double(), peak.isfinite().double()]).tolist()
         tokens = [int(t) if ok else None for t, ok in zip(ids, finite)]  # ids < 2**53: exact
     else:
         finite = peak.isfinite().tolist()
-        tokens = (best if processed is logits else processed.argmax(-1)).tolist()
+        tokens = (best if processed is logits else processed.max(-1).indices).tolist()
         for b, s in enumerate(states):
             if not finite[b]:
                 tokens[b] = None
