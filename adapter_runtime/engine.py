@@ -36,7 +36,7 @@ from . import merge as merge_ops
 from .batch import Setup
 from .composition import check_reft_prompt
 from .errors import (AdapterConflict, AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest,
-                     ModelLoadError, NonFiniteOutput)
+                     ModelLoadError, NumericOverflow)
 from .methods import prefix as prefix_method
 from .models import LoadedModel
 from .models.common import KVCache
@@ -617,12 +617,12 @@ class Engine:
             self._fail(state, error)
 
 
-def non_finite(state: _Active, dtype: torch.dtype) -> NonFiniteOutput:
+def non_finite(state: _Active, dtype: torch.dtype) -> NumericOverflow:
     """The error of a request whose logits came out NaN or infinite, naming its adapters."""
     setup = getattr(state.request.setup, "pinned", state.request.setup)  # a composition: every adapter it holds
     names = ", ".join(dict.fromkeys(repr(n) for a in setup if (n := getattr(a, "name", None))))
     culprit = f"adapter {names} overflows" if names else "the base model overflows"
-    return NonFiniteOutput(f"the model's output for this request is not finite (NaN or infinity) after "
+    return NumericOverflow(f"the model's output for this request is not finite (NaN or infinity) after "
                            f"{len(state.output.generated)} generated tokens: {culprit} on this input "
                            f"(its weights are too large for {str(dtype).removeprefix('torch.')}); no token was sampled from it")
 

@@ -33,9 +33,10 @@ class AdapterConflict(AdapterRuntimeError):
     """The operation conflicts with the adapter's state: duplicate name, cannot merge (409)."""
 
 
-class NonFiniteOutput(AdapterRuntimeError):
-    """The model's output for a request is NaN or infinite: its adapters' finite but huge
-    weights overflow (422). The request fails alone; the others in its batch go on."""
+class NumericOverflow(AdapterRuntimeError):
+    """An adapter's finite but huge weights overflow the model's number format (422): a request
+    whose logits come out NaN or infinite fails alone (the others in its batch go on); a merge
+    that would make base weights non-finite is refused before any weight changes."""
 
 
 class CapacityExceeded(AdapterRuntimeError):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .adapters import Adapter
 from .batch import MergedAdapter, without_linear
-from .errors import AdapterConflict
+from .errors import AdapterConflict, NumericOverflow
 from .methods import merge as merge_math
 from .models import decoder_layers
 
@@ -57,6 +57,11 @@ def merge(model: nn.Module, adapter: Adapter) -> MergeRecord:
                 linear.bias.detach().to("cpu", copy=True) if linear.bias is not None else None,
             )
             weight, bias = merge_math.merged_weights(effect, linear.weight, linear.bias)
+            if not (bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))):
+                restore(model, originals)  # the sites merged so far, back bit for bit
+                raise NumericOverflow(f"merging adapter {adapter.name!r} would make the base weights of layer {layer} "
+                                      f"{module} non-finite (its weights overflow {str(weight.dtype).removeprefix('torch.')}); "
+                                      "nothing was merged")
             inverse[(layer, module)] = merge_math.dense_undo(linear.weight, weight, identities) \
                 if merge_math.is_dora(effect) else merge_math.inverse(effect)
             linear.weight.copy_(weight)
@@ -67,8 +72,12 @@ def merge(model: nn.Module, adapter: Adapter) -> MergeRecord:
 
 def reset(model: nn.Module, record: MergeRecord) -> None:
     """Copy the original tensors back: the base weights are torch.equal to before the merge."""
+    restore(model, record.originals)
+
+
+def restore(model: nn.Module, originals: dict[tuple[int, str], tuple[Tensor, Tensor | None]]) -> None:
     with torch.no_grad():
-        for (layer, module), (weight, bias) in record.originals.items():
+        for (layer, module), (weight, bias) in originals.items():
             linear = site_linear(model, layer, module)
             linear.weight.copy_(weight)
             if bias is not None:

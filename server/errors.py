@@ -21,7 +21,7 @@ STATUS: list[tuple[type[Exception], int, str, str | None]] = [
     (E.AdapterFormatError, 422, "invalid_request_error", "adapter_format"),
     (E.AdapterUnsupported, 422, "invalid_request_error", "adapter_unsupported"),
     (E.AdapterIncompatible, 422, "invalid_request_error", "adapter_incompatible"),
-    (E.NonFiniteOutput, 422, "invalid_request_error", "non_finite_output"),
+    (E.NumericOverflow, 422, "invalid_request_error", "numeric_overflow"),
     (E.AdapterConflict, 409, "invalid_request_error", "conflict"),
     (E.PayloadTooLarge, 413, "invalid_request_error", "payload_too_large"),
     (E.Unauthorized, 401, "authentication_error", "invalid_api_key"),

@@ -447,10 +447,11 @@ def test_poisoned_adapters_are_refused_at_upload(live, world, tmp_path, how):
     assert "poison" not in live.names()
 
 
-def test_an_adapter_whose_output_overflows_fails_alone_with_a_clear_422(live, world, tmp_path):
+def test_an_adapter_whose_weights_overflow_fails_alone_with_a_clear_422(live, world, tmp_path):
     """Finite but huge weights (1e30) pass the upload checks and overflow in the forward: the
     request gets a 422 naming the adapter (it got tokens taken from NaN logits, or, sampling,
-    a 500 for everyone in its batch), the store keeps the adapter, the next request is served."""
+    a 500 for everyone in its batch), the store keeps the adapter, the next request is served;
+    a merge of it is refused before any base weight changes (it made every request NaN)."""
     from safetensors.torch import load_file, save_file
 
     _, root, refs = world
@@ -464,10 +465,16 @@ def test_an_adapter_whose_output_overflows_fails_alone_with_a_clear_422(live, wo
         for extra in ({}, {"temperature": 1.0, "seed": 3}, {"stream": True}):
             r = live.complete("huge", **extra)
             if extra.get("stream"):  # the stream has begun (200): its error arrives as an event
-                assert r.status_code == 200 and "non_finite_output" in r.text and "'huge'" in r.text, r.text
+                assert r.status_code == 200 and "numeric_overflow" in r.text and "'huge'" in r.text, r.text
                 continue
             assert r.status_code == 422, (extra, r.status_code, r.text)
-            assert r.json()["error"]["code"] == "non_finite_output" and "'huge'" in error_of(r), r.text
+            assert r.json()["error"]["code"] == "numeric_overflow" and "'huge'" in error_of(r), r.text
+        assert live.text(BASE) == decode(refs["base"])
+        # merged, its delta would make base weights infinite and every request NaN: refused, nothing changed
+        r = live.admin.post("/v1/merge", json={"adapter": "huge"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "numeric_overflow", r.text
+        assert "'huge'" in error_of(r) and "nothing was merged" in error_of(r), r.text
+        assert live.user.get("/v1/merge").json()["merged"] is None
         assert live.text(BASE) == decode(refs["base"])
     finally:
         live.admin.delete("/v1/adapters/huge")

@@ -10,7 +10,7 @@ import torch
 
 from adapter_runtime.adapters import Adapter, LoRA, Prefix, Prompt
 from adapter_runtime.engine import Engine, EngineConfig, Request
-from adapter_runtime.errors import AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest, NonFiniteOutput
+from adapter_runtime.errors import AdapterRuntimeError, CapacityExceeded, EngineUnavailable, InvalidRequest, NumericOverflow
 from tests.support.packed import forward_sequences
 from adapter_runtime.models import load_model
 from adapter_runtime.sampling import Detokenizer, SamplingParams, filter_logits
@@ -308,6 +308,6 @@ def test_an_adapter_that_overflows_fails_its_request_alone_with_a_clear_error(pa
     params = SamplingParams(max_tokens=10, temperature=temperature, seed=1, ignore_eos=True)
     bad = engine.submit(Request((1, 2, 3), params, setup=(overflowing_lora(loaded.info),)))
     good = engine.submit(Request((4, 5, 6), GREEDY))
-    with pytest.raises(NonFiniteOutput, match="not finite.*adapter 'overflow' overflows"):
+    with pytest.raises(NumericOverflow, match="not finite.*adapter 'overflow' overflows"):
         bad.result(TIMEOUT)
     assert list(good.result(TIMEOUT).token_ids) == hf_greedy(hf, [4, 5, 6], 10)

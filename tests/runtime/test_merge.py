@@ -141,6 +141,23 @@ def test_unmergeable_adapters_are_refused_and_change_nothing(bases, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
 
 
+def test_a_merge_that_would_overflow_is_refused_and_changes_nothing(bases, tmp_path):
+    """Finite LoRA weights whose product overflows fp32 at the last of several sites: refused
+    with NumericOverflow, and the sites merged before it are back bit for bit."""
+    from adapter_runtime.errors import NumericOverflow
+
+    lm = bases["llama"]
+    lora = load_adapter(make("llama", "peft-lora", tmp_path / "lora"), lm.info, "huge")
+    last = list(lora.linear)[-1]  # merged in this order: the last site overflows after the others merged
+    effect = lora.linear[last]
+    lora.linear[last] = type(effect)(effect.A * 1e30, effect.B * 1e30, effect.scale)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    assert len(lora.linear) > 1
+    with pytest.raises(NumericOverflow, match=f"'huge'.*layer {last[0]} {last[1]} non-finite.*nothing was merged"):
+        merge_ops.merge(lm.model, lora)
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
 def test_merge_and_reset_while_streams_run(bases, tmp_path):
     """16 greedy requests over several adapters; merge, reset and merge again while they run:
     every completion equals the one it gives alone, with nothing merged."""
