@@ -17,6 +17,7 @@ functions the engine uses for log-probabilities, stop strings and detokenization
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Sequence
@@ -68,8 +69,8 @@ def check(params: SamplingParams, vocab_size: int | None = None) -> None:
     """Raise `InvalidRequest` naming the first out-of-range field."""
     if params.max_tokens < 0:
         raise InvalidRequest(f"max_tokens must be >= 0, got {params.max_tokens}")
-    if params.temperature < 0:
-        raise InvalidRequest(f"temperature must be >= 0, got {params.temperature}")
+    if not 0.0 <= params.temperature < math.inf:  # written so that NaN fails it too
+        raise InvalidRequest(f"temperature must be a finite number >= 0, got {params.temperature}")
     if not 0.0 < params.top_p <= 1.0:
         raise InvalidRequest(f"top_p must be in (0, 1], got {params.top_p}")
     if params.top_k < 0:
@@ -83,8 +84,8 @@ def check(params: SamplingParams, vocab_size: int | None = None) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if not -2.0 <= getattr(params, name) <= 2.0:
             raise InvalidRequest(f"{name} must be in [-2, 2], got {getattr(params, name)}")
-    if not params.repetition_penalty > 0.0:
-        raise InvalidRequest(f"repetition_penalty must be > 0 (1 = off), got {params.repetition_penalty}")
+    if not 0.0 < params.repetition_penalty < math.inf:
+        raise InvalidRequest(f"repetition_penalty must be a finite number > 0 (1 = off), got {params.repetition_penalty}")
     if not 0 <= params.min_tokens <= params.max_tokens:
         raise InvalidRequest(f"min_tokens must be in 0..max_tokens ({params.max_tokens}), got {params.min_tokens}")
     for token, bias in params.logit_bias:

@@ -83,7 +83,11 @@ def test_check_names_the_field():
                           (SamplingParams(repetition_penalty=0.0), "repetition_penalty"),
                           (SamplingParams(max_tokens=4, min_tokens=5), "min_tokens"),
                           (SamplingParams(logit_bias=((V, 1.0),)), "logit_bias"),
-                          (SamplingParams(logit_bias=((1, 101.0),)), "logit_bias")]:
+                          (SamplingParams(logit_bias=((1, 101.0),)), "logit_bias"),
+                          # NaN passed `< 0` style checks and sampled NaN logits (the engine API has no JSON layer)
+                          (SamplingParams(temperature=math.nan), "temperature"),
+                          (SamplingParams(temperature=math.inf), "temperature"),
+                          (SamplingParams(repetition_penalty=math.inf), "repetition_penalty")]:
         with pytest.raises(InvalidRequest, match=field):
             check(params, V)
 
