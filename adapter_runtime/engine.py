@@ -622,9 +622,12 @@ def non_finite(state: _Active, dtype: torch.dtype) -> NumericOverflow:
     setup = getattr(state.request.setup, "pinned", state.request.setup)  # a composition: every adapter it holds
     names = ", ".join(dict.fromkeys(repr(n) for a in setup if (n := getattr(a, "name", None))))
     culprit = f"adapter {names} overflows" if names else "the base model overflows"
+    penalty = state.params.repetition_penalty
+    also = f", or repetition_penalty {penalty} pushes every logit to -infinity" if penalty != 1.0 else ""
     return NumericOverflow(f"the model's output for this request is not finite (NaN or infinity) after "
-                           f"{len(state.output.generated)} generated tokens: {culprit} on this input "
-                           f"(its weights are too large for {str(dtype).removeprefix('torch.')}); no token was sampled from it")
+                           f"{len(state.output.generated)} generated tokens, so no token was sampled from it: "
+                           f"{culprit} on this input (its weights are too large for "
+                           f"{str(dtype).removeprefix('torch.')}){also}")
 
 
 def internal_error(request_id: str) -> AdapterRuntimeError:

@@ -236,8 +236,9 @@ def process_logits(logits: Tensor, states: Sequence[SamplingState], stacked: dic
 
 def choose(logits: Tensor, states: Sequence[SamplingState]) -> list[int | None]:
     """logits [B, V] (fp32, the model's) -> the next token of each row, or None for a row whose
-    logits are not finite (NaN or +inf: an adapter's huge weights overflowed; the engine fails
-    that request alone); updates each state.
+    logits are not finite (NaN or +inf: an adapter's huge weights overflowed) or, sampled, have
+    no finite logit left after its processors (the engine fails that request alone); updates
+    each state.
 
     One max pass for the batch gives the greedy tokens and each row's peak (NaN or +inf exactly
     when the row is broken), one batched log-softmax for the log-probabilities, one draw per
@@ -249,18 +250,21 @@ def choose(logits: Tensor, states: Sequence[SamplingState]) -> list[int | None]:
                if any(getattr(s, attr) is not None for s in states)}
     processed = process_logits(logits, states, stacked)  # [B, V]
     # Tensor.max(dim): one vectorized pass with argmax's first-maximum rule (argmax itself ran
-    # ~2.5x slower on the CPU at [31, 32000], profiled); log_softmax beat logsumexp there too
+    # ~2.8x slower on the CPU at [31, 32000], profiled); log_softmax beat logsumexp there too
     peak, best = logits.max(-1)  # [B]
+    finite = peak.isfinite()  # NaN or +inf: the row's logits overflowed
+    if processed is not logits:  # a huge repetition_penalty can push every logit of a row to -inf
+        processed_peak, best = processed.max(-1)
+        finite &= processed_peak.isfinite()
     if all(s.params.greedy for s in states):
-        chosen = best if processed is logits else processed.max(-1).indices  # [B]
+        chosen = best  # [B]
         logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0]  # [B]
-        ids, logprobs, finite = torch.stack([chosen.double(), logprobs.double(), peak.isfinite().double()]).tolist()
-        tokens = [int(t) if ok else None for t, ok in zip(ids, finite)]  # ids < 2**53: exact
+        ids, logprobs, ok = torch.stack([chosen.double(), logprobs.double(), finite.double()]).tolist()
+        tokens = [int(t) if good else None for t, good in zip(ids, ok)]  # ids < 2**53: exact
     else:
-        finite = peak.isfinite().tolist()
-        tokens = (best if processed is logits else processed.max(-1).indices).tolist()
+        ok, tokens = finite.tolist(), best.tolist()
         for b, s in enumerate(states):
-            if not finite[b]:
+            if not ok[b]:
                 tokens[b] = None
             elif not s.params.greedy:
                 tokens[b] = sample(processed[b], s.params, s.generator)

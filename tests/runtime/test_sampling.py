@@ -186,3 +186,16 @@ def test_greedy_picks_the_first_of_tied_maxima_and_flags_rows_that_are_not_finit
         assert tokens[b] == first_max
         assert abs(states[b].cumulative_logprob - (row[first_max] - math.log(sum(math.exp(v) for v in row)))) < 1e-5
     assert tokens[4:] == [None, None]
+
+
+def test_a_row_left_without_a_finite_logit_by_its_penalties_fails_alone():
+    """A repetition_penalty of 1e38 on a row whose every token was seen turns all its (negative)
+    logits into -inf: sampling it raised inside the step and failed the whole batch; greedy
+    returned token 0 as if it were a choice."""
+    logits = -torch.rand(2, V) - 4.0  # every logit below -4: times the penalty, below the float32 range
+    for temperature in (1.0, 0.0):  # greedy took index 0 of a row of -inf
+        hostile = SamplingState(SamplingParams(temperature=temperature, repetition_penalty=1e38, seed=1),
+                                list(range(V)), V, EOS, torch.device("cpu"))
+        fine = SamplingState(SamplingParams(temperature=temperature, seed=2), [1], V, EOS, torch.device("cpu"))
+        tokens = choose(logits, [hostile, fine])
+        assert tokens[0] is None and 0 <= tokens[1] < V, temperature
