@@ -620,8 +620,9 @@ class Engine:
 def non_finite(state: _Active, dtype: torch.dtype) -> NumericOverflow:
     """The error of a request whose logits came out NaN or infinite, naming its adapters."""
     setup = getattr(state.request.setup, "pinned", state.request.setup)  # a composition: every adapter it holds
-    names = ", ".join(dict.fromkeys(repr(n) for a in setup if (n := getattr(a, "name", None))))
-    culprit = f"adapter {names} overflows" if names else "the base model overflows"
+    names = list(dict.fromkeys(repr(n) for a in setup if (n := getattr(a, "name", None))))
+    culprit = (f"adapter {names[0]} overflows" if len(names) == 1 else
+               f"one of the adapters {', '.join(names)} overflows" if names else "the base model overflows")
     penalty = state.params.repetition_penalty
     also = f", or repetition_penalty {penalty} pushes every logit to -infinity" if penalty != 1.0 else ""
     return NumericOverflow(f"the model's output for this request is not finite (NaN or infinity) after "
