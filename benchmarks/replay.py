@@ -5,8 +5,9 @@ One decode step of each workload (base, 32 distinct LoRAs, 32 adapters of all se
 32, vocabulary 384) is captured from the running engine, its KV writes redirected to the scratch
 slot, and replayed back to back on the worker thread (where the OpenMP pool and the compiled
 variants live), interleaved, min and median over many rounds. `--ablate` adds the all-type step
-with one bank kind left out at a time (what each kind costs) and with none (what its prefix
-and prompt rows' longer cache reads cost), `--profile` prints torch.profiler's
+with one bank kind left out at a time (what each kind costs), with none (what its prefix
+and prompt rows' longer cache reads cost) and with every bottleneck site reading one adapter's
+weights (the same compute: what the bottleneck weights' memory traffic costs), `--profile` prints torch.profiler's
 top operators per workload (`TorchDynamo Cache Lookup` is the guard check).
 
     python -m benchmarks.replay [--ablate] [--profile] [--rounds 25]
@@ -18,6 +19,7 @@ the base step, not the milliseconds.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -49,6 +51,21 @@ def capture(engine, batch, setups) -> object:
         del runner._run_compiled
     step = max(seen, key=lambda b: b.num_tokens)
     return replace(step, write_slots=torch.full_like(step.write_slots, runner.scratch_slot))
+
+
+def one_bottleneck_adapter(banks):
+    """A view of `banks` whose every bottleneck site table is one present slot's, broadcast to all
+    slots (stride 0): a step computes exactly as before but reads one adapter's weights."""
+    from adapter_runtime.methods.bottleneck import COLUMN
+
+    view = copy.copy(banks)
+    view.banks = dict(banks.banks)
+    bank = view.banks["bottleneck"] = copy.copy(banks.banks["bottleneck"])
+    bank.sites = {}
+    for site, tables in banks.banks["bottleneck"].sites.items():
+        one = int(tables["flags"][:, COLUMN["present"]].nonzero()[0, 0])
+        bank.sites[site] = {name: t[one : one + 1].expand_as(t) for name, t in tables.items()}
+    return view
 
 
 def on_worker(engine, fn) -> None:
@@ -107,7 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.replay", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=25)
-    ap.add_argument("--ablate", action="store_true", help="also the all-type step without each bank kind, and with none")
+    ap.add_argument("--ablate", action="store_true", help="also the all-type step without each bank kind, with none, and with one bottleneck adapter's bytes")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top operators per workload")
     args = ap.parse_args()
     import logging
@@ -143,6 +160,9 @@ def main() -> None:
                     steps[f"all seven types without {kind}"] = replace(mix, adapters=replace(mix.adapters, active=active))
                 # what is left with every bank off: the prefix / prompt rows' longer cache reads
                 steps["all seven types, no bank kind"] = replace(mix, adapters=replace(mix.adapters, active={}))
+                # the same bottleneck compute over one adapter's bytes: what its weights' traffic costs
+                steps["all seven types, bottleneck bytes of one"] = replace(
+                    mix, adapters=replace(mix.adapters, banks=one_bottleneck_adapter(mix.adapters.banks)))
             times = replay(engine, steps, args.rounds)
             base = min(times["base"])
             rows = [[k, min(v), statistics.median(v), f"{min(v) / base:.2f}x", f"{base / min(v):.2f}x"]
