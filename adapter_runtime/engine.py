@@ -618,17 +618,22 @@ class Engine:
 
 
 def non_finite(state: _Active, dtype: torch.dtype) -> NumericOverflow:
-    """The error of a request whose logits came out NaN or infinite, naming its adapters."""
+    """The error of a request whose logits came out NaN or infinite, naming what can cause it."""
     setup = getattr(state.request.setup, "pinned", state.request.setup)  # a composition: every adapter it holds
     names = list(dict.fromkeys(repr(n) for a in setup if (n := getattr(a, "name", None))))
-    culprit = (f"adapter {names[0]} overflows" if len(names) == 1 else
-               f"one of the adapters {', '.join(names)} overflows" if names else "the base model overflows")
-    penalty = state.params.repetition_penalty
-    also = f", or repetition_penalty {penalty} pushes every logit to -infinity" if penalty != 1.0 else ""
+    number_format = str(dtype).removeprefix("torch.")
+    causes = []
+    if len(names) == 1:
+        causes.append(f"adapter {names[0]} overflows on this input (its weights are too large for {number_format})")
+    elif names:
+        causes.append(f"one of the adapters {', '.join(names)} overflows on this input (too large for {number_format})")
+    if state.params.repetition_penalty != 1.0:
+        causes.append(f"repetition_penalty {state.params.repetition_penalty} pushes every logit to -infinity")
+    if not causes:
+        causes.append(f"the base model overflows on this input ({number_format})")
     return NumericOverflow(f"the model's output for this request is not finite (NaN or infinity) after "
                            f"{len(state.output.generated)} generated tokens, so no token was sampled from it: "
-                           f"{culprit} on this input (its weights are too large for "
-                           f"{str(dtype).removeprefix('torch.')}){also}")
+                           + ", or ".join(causes))
 
 
 def internal_error(request_id: str) -> AdapterRuntimeError:

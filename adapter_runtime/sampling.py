@@ -262,13 +262,13 @@ def choose(logits: Tensor, states: Sequence[SamplingState]) -> list[int | None]:
         ids, logprobs, ok = torch.stack([chosen.double(), logprobs.double(), finite.double()]).tolist()
         tokens = [int(t) if good else None for t, good in zip(ids, ok)]  # ids < 2**53: exact
     else:
-        ok, tokens = finite.tolist(), best.tolist()
+        tokens, ok = torch.stack([best, finite.long()]).tolist()  # one transfer
         for b, s in enumerate(states):
             if not ok[b]:
                 tokens[b] = None
             elif not s.params.greedy:
                 tokens[b] = sample(processed[b], s.params, s.generator)
-        chosen = torch.tensor([t or 0 for t in tokens], dtype=torch.long, device=device)  # [B]
+        chosen = torch.tensor([0 if t is None else t for t in tokens], dtype=torch.long, device=device)  # [B]
         logprobs = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0].tolist()  # [B]
     for st in stacked.values():
         st.put(chosen)
