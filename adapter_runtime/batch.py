@@ -14,7 +14,7 @@ the reference math of methods/ one group at a time (compositions: methods/compos
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, NamedTuple, Sequence
+from typing import Callable, Hashable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -104,7 +104,7 @@ class AdapterStep:
     """What the model asks at each adapter site during one step."""
 
     banks: object | None = None  # banks.AdapterBanks
-    slots: Tensor | None = None  # [N] bank slot of each token (0 = none)
+    slots: Mapping[tuple[str, Hashable], Tensor] | None = None  # (kind, route) -> [N] bank slot of each token
     groups: tuple | None = None  # None: gather weights per token; else ((slot, tokens [k]), ...) per used slot
     active: Mapping[str, frozenset] = field(default_factory=dict)  # bank kind -> sites to apply
     side: tuple[SideGroup, ...] = ()
@@ -114,6 +114,10 @@ class AdapterStep:
 
     def _on(self, kind: str, site) -> bool:
         return site in self.active.get(kind, ())
+
+    def _slots(self, kind: str, site) -> Tensor:
+        """[N] each token's slot in the `kind` bank at `site` (0 where its adapter has nothing there)."""
+        return self.slots[(kind, self.banks[kind].route(site))]
 
     def static_safe(self) -> bool:
         return not self.side and self.unmerge is None and not self.prompts
@@ -139,7 +143,7 @@ class AdapterStep:
             t = self.unmerge.tokens
             x_in = _put(x_in, t, stack_math.scale_input(x_in[t], [undo]), x)
         if self._on("ia3", (site, True)):
-            x_in = self.banks["ia3"].scale(site, True, x_in, self.slots)
+            x_in = self.banks["ia3"].scale(site, True, x_in, self._slots("ia3", (site, True)))
         for g in self.side:
             effects = g.linear_effects(site)
             if any(isinstance(e, Scale) and e.on_input for e in effects):
@@ -154,9 +158,9 @@ class AdapterStep:
         """The output-side effects at (layer, module) on y = base(x) (no input-side effect here)."""
         site = (layer, module)
         if self._on("ia3", (site, False)):
-            y = self.banks["ia3"].scale(site, False, y, self.slots)
+            y = self.banks["ia3"].scale(site, False, y, self._slots("ia3", (site, False)))
         if self._on("lora", site):
-            y = self.banks["lora"].output(site, x, y, self.slots, self.groups)
+            y = self.banks["lora"].output(site, x, y, self._slots("lora", site), self.groups)
         for g in self.side:
             effects = g.linear_effects(site)
             if not effects:
@@ -194,7 +198,8 @@ class AdapterStep:
         site = (layer, location)
         h = None
         if self._on("bottleneck", site):
-            h = self.banks["bottleneck"].residual(site, sublayer_out, residual, self.slots, self.groups)
+            h = self.banks["bottleneck"].residual(site, sublayer_out, residual, self._slots("bottleneck", site),
+                                                       self.groups)
         if h is None:
             h = sublayer_out + residual
         for g in self.side:
@@ -237,7 +242,7 @@ class AdapterStep:
     def embeddings(self, h: Tensor) -> Tensor:
         """Invertible (NICE) adapters on the embedding output [N, H]."""
         if self._on("invertible", "embeddings"):
-            h = self.banks["invertible"].embeddings(h, self.slots, self.groups)
+            h = self.banks["invertible"].embeddings(h, self._slots("invertible", "embeddings"), self.groups)
         for g in self.side:
             if (inv := g.first.invertible) is not None:
                 h = _put(h, g.tokens, invertible_math.forward(inv, h[g.tokens]), None)
@@ -367,6 +372,23 @@ class ForwardBatch:
         return len(self.rows)
 
 
+def routed_slots(banks, active: Mapping[str, frozenset], row_slots: list[int], counts: list[int],
+                 device) -> dict[tuple[str, Hashable], Tensor]:
+    """(kind, route) -> [N] each token's slot, 0 (the identity) for a row whose adapter has
+    nothing in that kind at that route's sites. The result is the same (an adapter's empty
+    site holds the identity, as slot 0), but those rows all read slot 0's weights, which stay
+    in cache, instead of their own slots' zeros: in a mixed batch most rows lack most kinds
+    (one slot per kind would make every row read every kind's weights from memory)."""
+    out = {}
+    for kind, sites in active.items():
+        bank = banks[kind]
+        for route in sorted({bank.route(site) for site in sites}, key=repr):  # a fixed order: one graph
+            uses = {s: s != 0 and bank.uses(s, route) for s in set(row_slots)}
+            out[(kind, route)] = torch.tensor([s if uses[s] else 0 for s, n in zip(row_slots, counts) for _ in range(n)],
+                                              device=device, dtype=torch.long)
+    return out
+
+
 GATHER_MAX_TOKENS = 64  # up to this many tokens, banked weights are gathered per token; above, per slot
 
 
@@ -443,8 +465,8 @@ def build_adapter_step(
     slots = active = groups = None
     if banks is not None and any(row_slots):
         token_slots = [s for s, n in zip(row_slots, counts) for _ in range(n)]
-        slots = torch.tensor(token_slots, device=device, dtype=torch.long)
         active = banks.active(row_slots, static)
+        slots = routed_slots(banks, active, row_slots, counts, device)
         gather = N <= GATHER_MAX_TOKENS if gather is None else gather
         if not gather:
             by_slot: dict[int, list[int]] = {}

@@ -241,7 +241,7 @@ class ModelRunner:
         ad = batch.adapters
         return (batch.num_tokens, batch.decode_slot_view, tuple(sorted(batch.prefix_hidden)),
                 tuple(sorted((k, tuple(sorted(map(repr, v)))) for k, v in ad.active.items())),
-                self.banks.signature() if ad.slots is not None else None)
+                self.banks.signature() if ad.slots else None)
 
     def _compile_queued(self) -> None:
         """The compile thread: one variant after the other, until none is waiting; meanwhile the

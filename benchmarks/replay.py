@@ -6,7 +6,8 @@ One decode step of each workload (base, 32 distinct LoRAs, 32 adapters of all se
 slot, and replayed back to back on the worker thread (where the OpenMP pool and the compiled
 variants live), interleaved, min and median over many rounds. `--ablate` adds the all-type step
 with one bank kind left out at a time (what each kind costs), with none (what its prefix
-and prompt rows' longer cache reads cost) and with every bottleneck site reading one adapter's
+and prompt rows' longer cache reads cost), with every kind indexed by each row's own slot (what
+routing rows without a kind to slot 0 saves: batch.routed_slots) and with every bottleneck site reading one adapter's
 weights (the same compute: what the bottleneck weights' memory traffic costs), `--profile` prints torch.profiler's
 top operators per workload (`TorchDynamo Cache Lookup` is the guard check).
 
@@ -160,6 +161,11 @@ def main() -> None:
                     steps[f"all seven types without {kind}"] = replace(mix, adapters=replace(mix.adapters, active=active))
                 # what is left with every bank off: the prefix / prompt rows' longer cache reads
                 steps["all seven types, no bank kind"] = replace(mix, adapters=replace(mix.adapters, active={}))
+                # every kind indexed by each row's own slot, as before the routed slots: rows then
+                # read their own slot's zeros in every kind they lack (the same graph, other indices)
+                own = torch.stack(list(mix.adapters.slots.values())).amax(0)  # a row's slot, whatever the kind
+                steps["all seven types, unrouted slots"] = replace(mix, adapters=replace(
+                    mix.adapters, slots={k: own.clone() for k in mix.adapters.slots}))
                 # the same bottleneck compute over one adapter's bytes: what its weights' traffic costs
                 steps["all seven types, bottleneck bytes of one"] = replace(
                     mix, adapters=replace(mix.adapters, banks=one_bottleneck_adapter(mix.adapters.banks)))

@@ -241,6 +241,15 @@ class BottleneckBank:
     def active_sites(self, slots) -> set:
         return {site for s in slots for site in self.held.get(s, {})}
 
+    @staticmethod
+    def route(site) -> str:
+        """A slot index per location: a row whose adapter acts after the feed-forward only (Pfeiffer)
+        reads slot 0 at the attention sites. Its weights are the bank's memory traffic."""
+        return site[1]
+
+    def uses(self, slot: int, location: str) -> bool:
+        return any(site[1] == location for site in self.held.get(slot, {}))
+
     def residual(self, site, s: Tensor, r: Tensor, slots: Tensor, groups) -> Tensor | None:
         """The new hidden state at `site`, or None if no banked adapter acts there."""
         w = self.sites.get(site)

@@ -52,6 +52,13 @@ class ScaleBank:
     def active_sites(self, slots) -> set:
         return {key for s in slots for key in self.held.get(s, {})}
 
+    @staticmethod
+    def route(site) -> None:
+        return None
+
+    def uses(self, slot: int, route) -> bool:
+        return bool(self.held.get(slot))
+
     def scale(self, site, on_input: bool, t: Tensor, slots: Tensor) -> Tensor:
         """t [n, dim] times each token's vector (ones where its adapter has none here)."""
         vectors = self.sites.get((site, on_input))

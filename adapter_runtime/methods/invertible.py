@@ -145,6 +145,13 @@ class InvertibleBank:
     def active_sites(self, slots) -> set:
         return {"embeddings" for s in slots if s in self.held}
 
+    @staticmethod
+    def route(site) -> None:
+        return None
+
+    def uses(self, slot: int, route) -> bool:
+        return slot in self.held
+
     def embeddings(self, h: Tensor, slots: Tensor, groups) -> Tensor:
         if self.weights is None:
             return h

@@ -119,6 +119,14 @@ class LoRABank:
     def active_sites(self, slots) -> set:
         return {site for s in slots for site in self.held.get(s, {})}
 
+    @staticmethod
+    def route(site) -> None:
+        """One slot index for every LoRA site (its cost is per site, not its few weight bytes)."""
+        return None
+
+    def uses(self, slot: int, route) -> bool:
+        return bool(self.held.get(slot))
+
     def output(self, site, x: Tensor, y: Tensor, slots: Tensor, groups) -> Tensor:
         """y + each token's LoRA delta at `site`. `groups` None: one gather per token (few
         tokens, static shapes); else [(slot, token index [k])]: the reference math per slot."""

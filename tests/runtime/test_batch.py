@@ -144,3 +144,25 @@ def test_bankable_is_remembered_per_content_not_per_uid_alone():
     for a in (full, residue, full, residue):
         assert banks.bankable(a) == bankable(a)
     assert not banks.bankable(full) and banks.bankable(residue)
+
+
+def test_rows_read_slot_0_where_their_adapter_has_nothing_and_still_equal_the_loop():
+    """Per (kind, location) slot indices: a row whose adapter has no bottleneck at a location (or
+    none at all) reads the identity slot 0 there, not its own slot's zeros (memory traffic), and
+    every row still equals the reference."""
+    both = Adapter("both", "test", "test", {}, bottleneck={(0, "attn"): bottleneck("relu", 3), (0, "ffn"): bottleneck("gelu", 5)})
+    ffn_only, lora_only = adapter("ffn-only", bn=bottleneck("swish", 4)), adapter("lora-only", lora(2))
+    setups = [(both,), (ffn_only,), (lora_only,), ()]
+    banks = AdapterBanks(INFO, 8, torch.device("cpu"), torch.float32)
+    step = build_adapter_step(setups, [1] * 4, "cpu", banks=banks, static=True)
+    own = [banks.peek(a) for a in (both, ffn_only, lora_only)]
+    assert step.slots[("bottleneck", "attn")].tolist() == [own[0], 0, 0, 0]
+    assert step.slots[("bottleneck", "ffn")].tolist() == [own[0], own[1], 0, 0]
+    assert step.slots[("lora", None)].tolist() == [0, 0, own[2], 0]
+    s, r = rand(4, H), rand(4, H)
+    for location in ("attn", "ffn"):
+        h = step.residual(0, location, s, r)
+        for b, setup in enumerate(setups):
+            bns = [x for a in setup if (x := a.bottleneck.get((0, location))) is not None]
+            want = bottleneck_math.compose(bns, s[b : b + 1], r[b : b + 1], None) if bns else s[b : b + 1] + r[b : b + 1]
+            assert close(h[b : b + 1], want), (location, b)

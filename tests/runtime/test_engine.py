@@ -288,7 +288,8 @@ def test_a_decode_step_reuses_its_adapter_step_only_while_its_rows_and_bank_slot
     runner.banks.slot(Adapter("c", "peft", "lora", {}, linear=dict(b.linear)))  # and c takes a slot first
     rebuilt = step()
     assert rebuilt is not first
-    assert rebuilt.slots.tolist() == [runner.banks.peek(a), runner.banks.peek(b)] != first.slots.tolist()
+    slots = rebuilt.slots[("lora", None)].tolist()
+    assert slots == [runner.banks.peek(a), runner.banks.peek(b)] != first.slots[("lora", None)].tolist()
     rows[id(seqs[1])] = RowState([0], (), _PLAIN, False)  # a row's setup changes: built anew
     assert step() is not rebuilt
 
