@@ -6,7 +6,8 @@ inverse: x2 = y2 - G(y1);  x1 = y1 - F(x2)
 F(z) = f2(act(f0(z))), G(z) = g2(act(g0(z))).
 
 Bank: the four linears of every adapter and its activation (a code), one slot each (hidden
-widths zero-padded); tokens whose slot has no invertible adapter keep their embedding (`torch.where`).
+widths zero-padded); `bottleneck.banked_mlp` computes F and G per token, as it computes a
+bottleneck; tokens whose slot has no invertible adapter keep their embedding (`torch.where`).
 The inverse only runs inside flex LM heads, which take the side path.
 """
 
@@ -17,8 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapters import Adapter, Invertible
-from . import materialized
-from .bottleneck import activation, banked_activation
+from .bottleneck import activation, banked_mlp
 
 PARTS = ("f0", "f2", "g0", "g2")
 
@@ -47,22 +47,13 @@ def inverse(inv: Invertible, y: Tensor) -> Tensor:
     return torch.cat([x1, x2], dim=-1)
 
 
-def _banked_mlp(w: dict, first: str, second: str, activations: tuple[str, ...], codes: Tensor, z: Tensor,
-                slots: Tensor) -> Tensor:
-    # both inputs stored first: z (the embedding slice, or x1 + F(x2)) would otherwise be recomputed
-    # once per hidden unit (the invertible site cost ~1.2 ms of a 10 ms step, ~0.2 ms stored; replayed)
-    hidden = torch.bmm(w[first][slots], materialized(z)[:, :, None])[:, :, 0] + w[first + "_bias"][slots]
-    a = materialized(banked_activation(activations, codes, hidden))
-    return torch.bmm(w[second][slots], a[:, :, None])[:, :, 0] + w[second + "_bias"][slots]
-
-
 def banked_forward(w: dict, activations: tuple[str, ...], x: Tensor, slots: Tensor) -> Tensor:
     """forward(inv_i, x_i) for every token i (inv_i = the adapter in slot slots[i]); x [n, H]."""
     half = x.shape[-1] // 2
     x1, x2 = x[:, :half], x[:, half:]
     codes = w["activation"][slots]
-    y1 = x1 + _banked_mlp(w, "f0", "f2", activations, codes, x2, slots)
-    y2 = x2 + _banked_mlp(w, "g0", "g2", activations, codes, y1, slots)
+    y1 = x1 + banked_mlp(w, "f0", "f2", activations, codes, x2, slots)
+    y2 = x2 + banked_mlp(w, "g0", "g2", activations, codes, y1, slots)
     return torch.where(w["present"][slots][:, None], torch.cat([y1, y2], dim=-1), x)
 
 

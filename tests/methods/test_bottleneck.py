@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from adapter_runtime.adapters import Adapter, Bottleneck
+from adapter_runtime.methods import lower_materialize
 from adapter_runtime.methods.bottleneck import BottleneckBank, banked_compose, compose, phm_weight
 
 H = 64
@@ -24,7 +25,7 @@ def compacter(gen, d: int, n: int, activation: str = "gelu", **flags) -> Bottlen
     return Bottleneck(down, r(d), up, r(H), activation, 1.0, **flags)
 
 
-def run_bank(adapters: list[Bottleneck], slots_of_tokens: list[int], gen):
+def run_bank(adapters: list[Bottleneck], slots_of_tokens: list[int], gen, compiled: bool = False):
     bank = BottleneckBank(SimpleNamespace(hidden_size=H), capacity=len(adapters) + 1, device=torch.device("cpu"),
                           dtype=torch.float32)
     for slot, b in enumerate(adapters, 1):
@@ -32,14 +33,19 @@ def run_bank(adapters: list[Bottleneck], slots_of_tokens: list[int], gen):
                                  bottleneck={SITE: b}))
     s, r = torch.randn(len(slots_of_tokens), H, generator=gen), torch.randn(len(slots_of_tokens), H, generator=gen)
     slots = torch.tensor(slots_of_tokens)
-    got = banked_compose(bank.sites[SITE], bank.activations[SITE], s, r, slots)
+    if compiled:  # inductor's kernel: the per-token products as sums over halves (methods.per_token_matvec)
+        lower_materialize()
+        got = torch.compile(banked_compose, dynamic=False)(bank.sites[SITE], bank.activations[SITE], s, r, slots)
+    else:
+        got = banked_compose(bank.sites[SITE], bank.activations[SITE], s, r, slots)
     want = torch.stack([s[i] + r[i] if k == 0 else compose([adapters[k - 1]], s[i:i + 1], r[i:i + 1], None)[0]
                         for i, k in enumerate(slots_of_tokens)])
     return bank, got, want, s + r
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("order", ["narrow first", "wide first"])
-def test_adapters_of_any_width_activation_and_flags_in_one_site_equal_the_reference(order):
+def test_adapters_of_any_width_activation_and_flags_in_one_site_equal_the_reference(order, compiled):
     """One gathered pass over a site holding adapters of several widths (zero-padded to the
     widest, grown when a wider one arrives), activations and residual flags."""
     gen = torch.Generator().manual_seed(0)
@@ -49,7 +55,7 @@ def test_adapters_of_any_width_activation_and_flags_in_one_site_equal_the_refere
     if order == "wide first":
         adapters = adapters[::-1]
     slots = [0, 1, 2, 3, 4, 5, 3, 2, 0, 5]
-    bank, got, want, base = run_bank(adapters, slots, gen)
+    bank, got, want, base = run_bank(adapters, slots, gen, compiled)
     assert bank.sites[SITE]["down"].shape[1] == 32
     assert all(not torch.allclose(want[i], base[i], atol=1e-3) for i, k in enumerate(slots) if k)  # adapters act
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

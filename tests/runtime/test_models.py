@@ -86,3 +86,24 @@ def test_embedded_default_model_runs():
     assert lm.tokenizer.decode(ids) == "héllo wörld"
     logits = forward_sequences(lm.model, [ids])[0]
     assert logits.shape == (len(ids), lm.info.vocab_size) and torch.isfinite(logits).all()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN pre-packing is CPU-only")
+def test_pre_packed_linears_equal_the_plain_product_at_any_row_count_and_after_a_refresh():
+    """FusedLinear's oneDNN pre-packed copy (packed for `batch_hint` rows) gives x @ W.T + b at
+    any row count, and a refresh after the weights change (merge, reset) repacks it."""
+    from adapter_runtime.models.common import FusedLinear
+
+    g = torch.Generator().manual_seed(0)
+    q, v = torch.nn.Linear(64, 64), torch.nn.Linear(64, 32, bias=False)
+    fused = FusedLinear([q, v], pack=True, batch_hint=8)
+    with torch.no_grad():
+        for rows in (1, 5, 8, 13):
+            x = torch.randn(rows, 64, generator=g)
+            got_q, got_v = fused(x)
+            torch.testing.assert_close(got_q, q(x), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got_v, v(x), atol=1e-5, rtol=1e-5)
+        q.weight.add_(torch.randn(q.weight.shape, generator=g))  # as a merge folds a delta in
+        fused.refresh()
+        x = torch.randn(8, 64, generator=g)
+        torch.testing.assert_close(fused(x)[0], q(x), atol=1e-5, rtol=1e-5)
