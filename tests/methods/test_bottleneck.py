@@ -33,7 +33,7 @@ def run_bank(adapters: list[Bottleneck], slots_of_tokens: list[int], gen, compil
                                  bottleneck={SITE: b}))
     s, r = torch.randn(len(slots_of_tokens), H, generator=gen), torch.randn(len(slots_of_tokens), H, generator=gen)
     slots = torch.tensor(slots_of_tokens)
-    if compiled:  # inductor's kernel: the per-token products as sums over halves (methods.per_token_matvec)
+    if compiled:  # inductor's fused kernel (the stored inputs of `materialized` included)
         lower_materialize()
         got = torch.compile(banked_compose, dynamic=False)(bank.sites[SITE], bank.activations[SITE], s, r, slots)
     else:
